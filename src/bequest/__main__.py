@@ -1,0 +1,3 @@
+from bequest.cli import main
+
+main()

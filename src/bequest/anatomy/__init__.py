@@ -1,0 +1,239 @@
+"""Model anatomy: which role every parameter plays, and the facts an operator needs.
+
+Operators speak roles (`embed.token`, `layer.3.attn.q.weight`, `final_norm.weight`, ...) and ask the
+anatomy for shapes and facts; only `families.py` knows a family's tensor names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Iterable, NamedTuple
+
+import transformers
+
+from bequest.anatomy.families import FAMILIES, Family
+from bequest.errors import BequestError
+
+# The suffix of config.architectures[0] says which head a checkpoint carries.
+_TASK_SUFFIXES = (
+    ("ForCausalLM", "causal_lm"),
+    ("LMHeadModel", "causal_lm"),
+    ("ForMaskedLM", "masked_lm"),
+    ("ForSequenceClassification", "seq_cls"),
+    ("Model", "base"),
+)
+AUTO_CLASSES = {
+    "base": "AutoModel",
+    "causal_lm": "AutoModelForCausalLM",
+    "masked_lm": "AutoModelForMaskedLM",
+    "seq_cls": "AutoModelForSequenceClassification",
+}
+
+
+class Slot(NamedTuple):
+    """One parameter's place: role `attn.q`, layer 3 (None outside blocks), kind `weight`."""
+
+    role: str
+    layer: int | None
+    kind: str
+
+    def __str__(self) -> str:
+        where = "" if self.layer is None else f"layer.{self.layer}."
+        return f"{where}{self.role}.{self.kind}"
+
+
+def supported() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def family_of(config) -> Family:
+    model_type = getattr(config, "model_type", None)
+    for fam in FAMILIES.values():
+        if model_type in fam.model_types:
+            return fam
+    raise BequestError(
+        f"unsupported architecture {model_type!r}; bequest supports: {', '.join(supported())}"
+    )
+
+
+def task_of(config) -> str:
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    for suffix, task in _TASK_SUFFIXES:
+        if arch.endswith(suffix):
+            return task
+    return "base"
+
+
+@dataclass
+class Anatomy:
+    family: Family
+    config: transformers.PretrainedConfig
+    task: str
+
+    def _get(self, key: str, default=None):
+        attr = self.family.config_keys.get(key)
+        value = getattr(self.config, attr, None) if attr else None
+        return default if value is None else value
+
+    @property
+    def hidden(self) -> int:
+        return self._get("hidden")
+
+    @property
+    def layers(self) -> int:
+        return self._get("layers")
+
+    @property
+    def heads(self) -> int:
+        return self._get("heads")
+
+    @property
+    def kv_heads(self) -> int:
+        return self._get("kv_heads", self.heads)
+
+    @property
+    def head_dim(self) -> int:
+        return self._get("head_dim", self.hidden // self.heads)
+
+    @property
+    def ffn(self) -> int:
+        return self._get("ffn", 4 * self.hidden)
+
+    @property
+    def vocab(self) -> int:
+        return self._get("vocab")
+
+    @property
+    def positions(self) -> int:
+        return self._get("positions", 0)
+
+    @property
+    def eps(self) -> float:
+        return getattr(self.config, self.family.eps_key)
+
+    @property
+    def tied(self) -> bool:
+        return bool(getattr(self.config, "tie_word_embeddings", False))
+
+    @cached_property
+    def _table(self) -> dict[str, Slot]:
+        """Every parameter name this family can have, prefixed or not, mapped to its slot."""
+        table: dict[str, Slot] = {}
+
+        def add(path: str, role: str, layer: int | None, prefixes: tuple[str, ...]):
+            head, _, kind = role.rpartition(".")
+            if kind in ("weight", "bias"):  # the key names one parameter, not a module
+                table.update({p + path: Slot(head, layer, kind) for p in prefixes})
+                return
+            for kind in ("weight", "bias"):
+                table.update({f"{p}{path}.{kind}": Slot(role, layer, kind) for p in prefixes})
+
+        fam = self.family
+        base = ("", fam.base_prefix + ".")
+        for role, path in {**fam.embed, **fam.final}.items():
+            add(path, role, None, base)
+        for i in range(self.layers):
+            block = fam.layer_path.format(i=i)
+            for role, path in fam.layer.items():
+                add(f"{block}.{path}", role, i, base)
+        for role, path in fam.heads.items():
+            add(path, role, None, ("",))
+        return table
+
+    def slots(self, names: Iterable[str]) -> dict[str, Slot]:
+        """Map parameter names to slots; an unknown name is an error, not a silent skip."""
+        out = {}
+        for name in names:
+            slot = self._table.get(name)
+            if slot is None:
+                raise BequestError(
+                    f"parameter {name!r} has no role in the {self.family.name} anatomy; "
+                    "the checkpoint does not match its config.json"
+                )
+            out[name] = slot
+        return out
+
+    def names(self, names: Iterable[str]) -> dict[str, str]:
+        """Inverse of `slots`: 'layer.3.attn.q.weight' -> this model's parameter name."""
+        return {str(slot): name for name, slot in self.slots(names).items()}
+
+    def summary(self) -> dict:
+        fam = self.family
+        return {
+            "family": fam.name,
+            "task": self.task,
+            "layers": self.layers,
+            "hidden": self.hidden,
+            "heads": self.heads,
+            "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "ffn": self.ffn,
+            "vocab": self.vocab,
+            "positions": self.positions - fam.position_offset,
+            "norm": f"{fam.norm_position}-norm {fam.norm}, eps {self.eps:g}",
+            "tied_embeddings": self.tied,
+            "fused_qkv": fam.fused_qkv,
+            "conv1d": fam.conv1d,
+            "gated_mlp": fam.gated_mlp,
+        }
+
+
+def anatomy(model_or_config, task: str | None = None) -> Anatomy:
+    """The anatomy of a model or config; the task comes from `config.architectures` if not given."""
+    config = getattr(model_or_config, "config", model_or_config)
+    fam = family_of(config)
+    if task is None:
+        task = task_of(config)
+    if task not in fam.tasks:
+        raise BequestError(
+            f"{fam.name} has no {task} head in bequest; use one of: {', '.join(fam.tasks)}"
+        )
+    return Anatomy(fam, config, task)
+
+
+def make_config(
+    family: str,
+    *,
+    layers: int,
+    hidden: int,
+    heads: int,
+    ffn: int | None = None,
+    kv_heads: int | None = None,
+    vocab: int,
+    positions: int = 256,
+    **extra,
+) -> transformers.PretrainedConfig:
+    """A fresh config of `family` in bequest's shape names; `extra` goes to the config as is."""
+    if family not in FAMILIES:
+        raise BequestError(f"unknown family {family!r}; bequest supports: {', '.join(supported())}")
+    fam = FAMILIES[family]
+    if hidden % heads:
+        raise BequestError(f"--hidden {hidden} is not a multiple of --heads {heads}; pick heads that divide it")
+    shape = {
+        "layers": layers,
+        "hidden": hidden,
+        "heads": heads,
+        "ffn": ffn or 4 * hidden,
+        "vocab": vocab,
+        "positions": positions + fam.position_offset,
+    }
+    if "kv_heads" in fam.config_keys:
+        shape["kv_heads"] = kv_heads or heads
+        shape["head_dim"] = hidden // heads
+        if heads % shape["kv_heads"]:
+            raise BequestError(f"--kv-heads {kv_heads} must divide --heads {heads}")
+    elif kv_heads not in (None, heads):
+        raise BequestError(f"{family} has no grouped KV heads; drop --kv-heads")
+    kwargs = {fam.config_keys[k]: v for k, v in shape.items()}
+    kwargs.update(fam.tiny)
+    kwargs.update(extra)
+    return getattr(transformers, fam.config_class)(**kwargs)
+
+
+def build_model(config, task: str):
+    """A randomly initialised model of `config` with the `task` head."""
+    auto = getattr(transformers, AUTO_CLASSES[task])
+    model = auto.from_config(config)
+    model.config.architectures = [type(model).__name__]
+    return model

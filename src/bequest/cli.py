@@ -1,0 +1,99 @@
+"""The `bequest` command: one verb per method, each generated from its recipe model.
+
+`bequest VERB --recipe r.yaml` and `bequest VERB --flag value` fill the same pydantic recipe, so the
+YAML keys and the flags are the same names and carry the same help text. User errors exit with 2.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Callable
+
+import typer
+from pydantic import BaseModel
+
+from bequest.errors import BequestError
+from bequest.recipe import resolve
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+
+
+def _fail(e: Exception) -> typing.NoReturn:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(2)
+
+
+def _cli_type(annotation):
+    """The plain type typer should parse; pydantic validates the rest (Literal, ranges)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return _cli_type(args[0])
+    if typing.get_origin(annotation) is typing.Literal:
+        return type(args[0])
+    return annotation if annotation in (int, float, str, bool) else str
+
+
+def verb(name: str, recipe_cls: type[BaseModel], run: Callable, arguments: tuple[str, ...] = ("out",)):
+    """Register `bequest NAME`: positional `arguments`, an option per other recipe field, --recipe."""
+    params = []
+    for field, info in recipe_cls.model_fields.items():
+        kind = _cli_type(info.annotation)
+        if field in arguments:
+            default = typer.Argument(None, help=info.description, show_default=False)
+        elif kind is bool:
+            default = typer.Option(None, f"--{field.replace('_', '-')}/--no-{field.replace('_', '-')}", help=info.description, show_default=False)
+        else:
+            choices = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is typing.Literal else ()
+            help_text = (info.description or "") + (f" [{'|'.join(map(str, choices))}]" if choices else "")
+            default = typer.Option(None, help=help_text + f" (default: {info.default})", show_default=False)
+        params.append(inspect.Parameter(field, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind | None))
+    params.append(
+        inspect.Parameter(
+            "recipe",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, help="YAML recipe; flags given on the command line override it"),
+            annotation=Path | None,
+        )
+    )
+
+    def command(**kwargs):
+        try:
+            run(resolve(recipe_cls, kwargs.pop("recipe"), **kwargs))
+        except BequestError as e:
+            _fail(e)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = run.__doc__
+    app.command(name)(command)
+
+
+@app.command()
+def info(model: Path = typer.Argument(..., help="a model folder")):
+    """Print a model's family, shape, parameter count, anatomy and lineage."""
+    from bequest.info import describe
+
+    try:
+        typer.echo(describe(model))
+    except BequestError as e:
+        _fail(e)
+
+
+def _register() -> None:
+    from bequest import pretrain
+
+    verb("pretrain", pretrain.PretrainRecipe, pretrain.pretrain)
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        app()
+    except BequestError as e:  # raised outside a verb, e.g. while importing a recipe
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)

@@ -1,0 +1,16 @@
+"""Shared training machinery: data to blocks, Trainer runs, FLOP accounting."""
+
+from bequest.engine.data import collator, labelled, lm_blocks
+from bequest.engine.flops import forward_flops_per_token, matmul_params, train_flops_per_token
+from bequest.engine.train import TrainFields, train
+
+__all__ = [
+    "TrainFields",
+    "collator",
+    "forward_flops_per_token",
+    "labelled",
+    "lm_blocks",
+    "matmul_params",
+    "train",
+    "train_flops_per_token",
+]

@@ -1,0 +1,138 @@
+"""The one training path: transformers.Trainer (and so accelerate), plus bequest's bookkeeping.
+
+Every method trains through `train()`; it adds FLOP counting, metrics.jsonl, a NaN guard and
+resume-from-checkpoint, and otherwise leaves the Trainer alone so `accelerate launch` scales it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from pydantic import BaseModel, ConfigDict, Field
+from transformers.trainer_utils import get_last_checkpoint
+
+from bequest.engine.data import collator
+from bequest.errors import BequestError
+
+
+class TrainFields(BaseModel):
+    """Training settings shared by every verb that trains (its recipe extends this)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(200, ge=1, description="optimizer steps to train")
+    batch_size: int = Field(16, ge=1, description="examples per step per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
+    warmup: int = Field(20, ge=0, description="linear warm-up steps before cosine decay")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    eval_every: int = Field(50, ge=1, description="evaluate every N steps")
+    save_every: int = Field(50, ge=1, description="write a resumable checkpoint every N steps")
+    seed: int = Field(0, description="seed for initialisation and data order")
+
+
+class _Bookkeeping(transformers.TrainerCallback):
+    """metrics.jsonl (one JSON object per log or eval), FLOPs so far, and the NaN guard."""
+
+    def __init__(self, path: Path, flops_per_token: int, perplexity: bool):
+        self.path, self.flops_per_token, self.perplexity = path, flops_per_token, perplexity
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        loss = logs.get("loss", logs.get("eval_loss"))
+        if loss is not None and not math.isfinite(loss):
+            raise BequestError(
+                f"loss became {loss} at step {state.global_step}; lower --lr or check the data for empty examples"
+            )
+        if self.perplexity and "eval_loss" in logs:
+            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+        if state.is_world_process_zero:
+            row = {"step": state.global_step, "tokens": state.num_input_tokens_seen}
+            row["flops"] = row["tokens"] * self.flops_per_token
+            with open(self.path, "a") as f:
+                f.write(json.dumps({**row, **logs}) + "\n")
+
+
+def _accuracy(pred: transformers.EvalPrediction) -> dict:
+    return {"accuracy": float((np.asarray(pred.predictions) == np.asarray(pred.label_ids)).mean())}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """After a resume, forget the rows logged past the checkpoint: they will be logged again."""
+    if path.exists():
+        rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+def train(
+    model,
+    tokenizer,
+    task: str,
+    train_set,
+    eval_set,
+    work: Path,
+    spec: TrainFields,
+    *,
+    flops_per_token: int = 0,
+    callbacks: list | None = None,
+    trainer_class=transformers.Trainer,
+    resume: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Train `model` in `work` (checkpoints/ and metrics.jsonl live there); return final eval metrics."""
+    work = Path(work)
+    ckpt_dir = work / "checkpoints"
+    args = transformers.TrainingArguments(
+        output_dir=str(ckpt_dir),
+        max_steps=spec.steps,
+        per_device_train_batch_size=spec.batch_size,
+        per_device_eval_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.grad_accum,
+        learning_rate=spec.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=spec.warmup,
+        weight_decay=spec.weight_decay,
+        max_grad_norm=1.0,
+        eval_strategy="steps",
+        eval_steps=spec.eval_every,
+        save_strategy="steps",
+        save_steps=spec.save_every,
+        save_total_limit=2,
+        logging_steps=max(1, min(10, spec.eval_every)),
+        logging_nan_inf_filter=False,  # a NaN must reach the guard, not be averaged away
+        include_num_input_tokens_seen=True,
+        seed=spec.seed,
+        report_to="none",
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    classify = task == "seq_cls"
+    metrics_path = work / "metrics.jsonl"
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        data_collator=collator(task, tokenizer),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        compute_metrics=_accuracy if classify else None,
+        preprocess_logits_for_metrics=(lambda logits, labels: logits.argmax(-1)) if classify else None,
+        callbacks=[_Bookkeeping(metrics_path, flops_per_token, not classify), *(callbacks or [])],
+    )
+    last = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.is_dir() else None
+    if last and trainer.is_world_process_zero():
+        _truncate_metrics(metrics_path, int(Path(last).name.split("-")[-1]))
+    trainer.train(resume_from_checkpoint=last)
+    final = trainer.evaluate()
+    if not classify:
+        final["eval_perplexity"] = math.exp(min(final["eval_loss"], 50.0))
+    final["flops"] = trainer.state.num_input_tokens_seen * flops_per_token
+    final["tokens"] = trainer.state.num_input_tokens_seen
+    final["is_main"] = trainer.is_world_process_zero()
+    return final

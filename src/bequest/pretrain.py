@@ -1,0 +1,97 @@
+"""`bequest pretrain`: train a small model from scratch, the ancestor every other verb starts from."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import transformers
+import yaml
+from accelerate import PartialState
+from pydantic import Field
+
+from bequest import data
+from bequest.anatomy import FAMILIES, anatomy, build_model, make_config
+from bequest.engine import TrainFields, lm_blocks, train, train_flops_per_token
+from bequest.errors import BequestError
+from bequest.io import atomic_dir, check_output, partial_dir, write_model
+
+Family = Literal["gpt2", "bert", "roberta", "llama", "mistral", "qwen2"]
+
+
+class PretrainRecipe(TrainFields):
+    out: str = Field(..., description="output model folder")
+    family: Family = Field("gpt2", description="model family")
+    layers: int = Field(2, ge=1, description="transformer blocks")
+    hidden: int = Field(64, ge=8, description="hidden size")
+    heads: int = Field(4, ge=1, description="attention heads (hidden / heads = head size)")
+    kv_heads: int | None = Field(None, ge=1, description="KV heads for grouped-query attention (Llama-like)")
+    ffn: int | None = Field(None, ge=1, description="MLP width (default 4 x hidden)")
+    vocab: int = Field(8000, ge=300, description="tokenizer vocabulary size, trained locally on the corpus")
+    seq_len: int = Field(128, ge=8, description="tokens per training block")
+    corpus: str = Field("default", description="'default' (embedded stdlib corpus) or a path to your text/jsonl/csv/parquet")
+    domain: str | None = Field(None, description="one domain of the embedded corpus (default: all)")
+    eval_blocks: int = Field(64, ge=1, description="validation blocks evaluated each time")
+    overwrite: bool = Field(False, description="replace an existing output folder")
+
+
+def corpus_splits(corpus: str, domain: str | None):
+    if corpus == "default":
+        return data.load_corpus(domain, "train"), data.load_corpus(domain, "validation")
+    if domain is not None:
+        raise BequestError("--domain selects a part of the embedded corpus; drop it when --corpus is a path")
+    return data.load_text_files(corpus, "train"), data.load_text_files(corpus, "validation")
+
+
+def _prepare_work(r: PretrainRecipe, state: PartialState) -> Path:
+    """The partial folder: resumed if it holds the same recipe, refused if another."""
+    work = partial_dir(r.out)
+    saved = work / "recipe.yaml"
+    recipe = r.model_dump(exclude={"overwrite"})
+    if state.is_main_process and work.exists():
+        if r.overwrite:
+            shutil.rmtree(work)
+        elif not saved.exists() or yaml.safe_load(saved.read_text()) != recipe:
+            raise BequestError(f"{work} holds an unfinished run of another recipe; pass --overwrite to start afresh")
+    if state.is_main_process:
+        work.mkdir(parents=True, exist_ok=True)
+        saved.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    state.wait_for_everyone()
+    return work
+
+
+def pretrain(r: PretrainRecipe) -> dict:
+    """Train a tiny model from scratch on the embedded corpus (or your text) and save an HF folder."""
+    state = PartialState()
+    check_output(r.out, r.overwrite)
+    fam = FAMILIES[r.family]
+    task = "masked_lm" if "masked_lm" in fam.tasks else "causal_lm"
+    train_text, eval_text = corpus_splits(r.corpus, r.domain)
+    tokenizer = data.train_tokenizer(data.tokenizer_kind(r.family), r.vocab)
+    specials = {k: getattr(tokenizer, f"{k}_id") for k in ("pad_token", "bos_token", "eos_token")}
+    config = make_config(
+        r.family, layers=r.layers, hidden=r.hidden, heads=r.heads, ffn=r.ffn, kv_heads=r.kv_heads,
+        vocab=len(tokenizer), positions=r.seq_len, **{k: v for k, v in specials.items() if v is not None},
+    )
+    transformers.set_seed(r.seed)
+    model = build_model(config, task)
+    train_set = lm_blocks(train_text, tokenizer, r.seq_len)
+    eval_set = lm_blocks(eval_text, tokenizer, r.seq_len)
+    eval_set = eval_set.select(range(min(r.eval_blocks, len(eval_set))))
+    if len(train_set) == 0 or len(eval_set) == 0:
+        raise BequestError(f"corpus {r.corpus!r} is shorter than one {r.seq_len}-token block; add text or lower --seq-len")
+
+    work = _prepare_work(r, state)
+    flops = train_flops_per_token(anatomy(model), r.seq_len)
+    metrics = train(model, tokenizer, task, train_set, eval_set, work, r, flops_per_token=flops)
+    if state.is_main_process:
+        recipe = r.model_dump()
+        with atomic_dir(r.out, r.overwrite, work=work) as folder:
+            shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+            write_model(folder, model, tokenizer, operation="pretrain", recipe=recipe)
+            (folder / "eval.json").write_text(json.dumps(metrics, indent=1))
+        print(f"saved {r.out}: eval loss {metrics['eval_loss']:.4f}, {metrics['flops']:.3g} training FLOPs")
+    state.wait_for_everyone()
+    return metrics

@@ -1,0 +1,120 @@
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bequest import io
+from bequest.cli import app
+from bequest.errors import BequestError
+from conftest import LM_TASK, probe, tiny
+
+FAMILIES = sorted(LM_TASK)
+
+
+def logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_gives_identical_logits(tmp_path, family):
+    model = tiny(family, LM_TASK[family])
+    out = io.save_model(tmp_path / "m", model, operation="test", parent="ancestor", recipe={"a": 1})
+    loaded, _ = io.load_model(out)
+    ids = probe()
+    assert torch.equal(logits(model, ids), logits(loaded, ids))
+    lineage = io.read_lineage(out)
+    assert lineage["parent"] == "ancestor" and lineage["operation"] == "test" and lineage["recipe"] == {"a": 1}
+    card = (out / "README.md").read_text()
+    assert "base_model: ancestor" in card and "- bequest" in card
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary sibling left
+
+
+def test_sharded_round_trip(tmp_path):
+    model = tiny("llama", "causal_lm")
+    out = io.save_model(tmp_path / "m", model, operation="test", max_shard_size="20KB")
+    assert len(io.weight_files(out)) > 1
+    loaded, _ = io.load_model(out)
+    ids = probe()
+    assert torch.equal(logits(model, ids), logits(loaded, ids))
+
+
+def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
+    def boom(folder, *a, **k):
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "write_model", boom)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_model(tmp_path / "m", tiny("gpt2", "causal_lm"), operation="test")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    first = tiny("gpt2", "causal_lm", seed=0)
+    second = tiny("gpt2", "causal_lm", seed=1)
+    out = io.save_model(tmp_path / "m", first, operation="test")
+    with pytest.raises(BequestError, match="already exists; pass --overwrite"):
+        io.save_model(out, second, operation="test")
+    assert torch.equal(logits(io.load_model(out)[0], probe()), logits(first, probe()))
+    io.save_model(out, second, operation="test", overwrite=True)
+    assert torch.equal(logits(io.load_model(out)[0], probe()), logits(second, probe()))
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+@pytest.fixture
+def saved(tmp_path):
+    return io.save_model(tmp_path / "m", tiny("gpt2", "causal_lm"), operation="test")
+
+
+def _truncate(folder):
+    f = folder / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    return "truncated or corrupted"
+
+
+def _garble_header(folder):
+    f = folder / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:20] = b"not json at!"
+    f.write_bytes(bytes(data))
+    return "not a readable safetensors"
+
+
+def _drop_config(folder):
+    (folder / "config.json").unlink()
+    return "missing config.json"
+
+
+def _wrong_shape(folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["n_inner"] = 96
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return "do not belong together"
+
+
+def _pickle_only(folder):
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    return "never unpickles"
+
+
+BAD = [_truncate, _garble_header, _drop_config, _wrong_shape, _pickle_only]
+
+
+@pytest.mark.parametrize("damage", BAD, ids=[f.__name__[1:] for f in BAD])
+def test_bad_folders_get_one_line_error_and_exit_2(saved, damage):
+    expected = damage(saved)
+    with pytest.raises(BequestError, match=expected):
+        io.load_model(saved)
+    result = CliRunner().invoke(app, ["info", str(saved)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
+
+
+def test_info_describes_a_model(saved):
+    result = CliRunner().invoke(app, ["info", str(saved)])
+    assert result.exit_code == 0, result.output
+    assert "gpt2" in result.output and "parameters" in result.output and "attn.qkv x2" in result.output
