@@ -9,12 +9,11 @@ from typing import Literal
 
 import transformers
 import yaml
-from accelerate import PartialState
 from pydantic import Field
 
 from bequest import data
 from bequest.anatomy import FAMILIES, anatomy, build_model, make_config
-from bequest.engine import TrainFields, lm_blocks, train, train_flops_per_token
+from bequest.engine import TrainFields, fixed_masks, lm_blocks, processes, train, train_flops_per_token
 from bequest.errors import BequestError
 from bequest.io import atomic_dir, check_output, partial_dir, write_model
 
@@ -45,7 +44,7 @@ def corpus_splits(corpus: str, domain: str | None):
     return data.load_text_files(corpus, "train"), data.load_text_files(corpus, "validation")
 
 
-def _prepare_work(r: PretrainRecipe, state: PartialState) -> Path:
+def _prepare_work(r: PretrainRecipe, state) -> Path:
     """The partial folder: resumed if it holds the same recipe, refused if another."""
     work = partial_dir(r.out)
     saved = work / "recipe.yaml"
@@ -64,13 +63,13 @@ def _prepare_work(r: PretrainRecipe, state: PartialState) -> Path:
 
 def pretrain(r: PretrainRecipe) -> dict:
     """Train a tiny model from scratch on the embedded corpus (or your text) and save an HF folder."""
-    state = PartialState()
+    state = processes()
     check_output(r.out, r.overwrite)
     fam = FAMILIES[r.family]
     task = "masked_lm" if "masked_lm" in fam.tasks else "causal_lm"
     train_text, eval_text = corpus_splits(r.corpus, r.domain)
     tokenizer = data.train_tokenizer(data.tokenizer_kind(r.family), r.vocab)
-    specials = {k: getattr(tokenizer, f"{k}_id") for k in ("pad_token", "bos_token", "eos_token")}
+    specials = {f"{k}_id": getattr(tokenizer, f"{k}_id") for k in ("pad_token", "bos_token", "eos_token")}
     config = make_config(
         r.family, layers=r.layers, hidden=r.hidden, heads=r.heads, ffn=r.ffn, kv_heads=r.kv_heads,
         vocab=len(tokenizer), positions=r.seq_len, **{k: v for k, v in specials.items() if v is not None},
@@ -80,6 +79,8 @@ def pretrain(r: PretrainRecipe) -> dict:
     train_set = lm_blocks(train_text, tokenizer, r.seq_len)
     eval_set = lm_blocks(eval_text, tokenizer, r.seq_len)
     eval_set = eval_set.select(range(min(r.eval_blocks, len(eval_set))))
+    if task == "masked_lm":
+        eval_set = fixed_masks(eval_set, tokenizer, seed=r.seed)
     if len(train_set) == 0 or len(eval_set) == 0:
         raise BequestError(f"corpus {r.corpus!r} is shorter than one {r.seq_len}-token block; add text or lower --seq-len")
 

@@ -1,16 +1,18 @@
 """Shared training machinery: data to blocks, Trainer runs, FLOP accounting."""
 
-from bequest.engine.data import collator, labelled, lm_blocks
+from bequest.engine.data import collator, fixed_masks, labelled, lm_blocks
 from bequest.engine.flops import forward_flops_per_token, matmul_params, train_flops_per_token
-from bequest.engine.train import TrainFields, train
+from bequest.engine.train import TrainFields, processes, train
 
 __all__ = [
     "TrainFields",
     "collator",
+    "fixed_masks",
     "forward_flops_per_token",
     "labelled",
     "lm_blocks",
     "matmul_params",
+    "processes",
     "train",
     "train_flops_per_token",
 ]

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
 from pydantic import BaseModel, ConfigDict, Field
-from transformers.trainer_utils import get_last_checkpoint
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 
 from bequest.engine.data import collator
 from bequest.errors import BequestError
@@ -34,6 +36,15 @@ class TrainFields(BaseModel):
     eval_every: int = Field(50, ge=1, description="evaluate every N steps")
     save_every: int = Field(50, ge=1, description="write a resumable checkpoint every N steps")
     seed: int = Field(0, description="seed for initialisation and data order")
+
+
+def processes() -> PartialState:
+    """This process's place among the launched ones (gloo on CPU-only machines, NCCL on GPUs).
+
+    Ask here, never with a bare PartialState(): created first without cpu=True it would pin a
+    CPU-only torchrun/accelerate launch to a single process.
+    """
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 class _Bookkeeping(transformers.TrainerCallback):
@@ -60,6 +71,23 @@ class _Bookkeeping(transformers.TrainerCallback):
 
 def _accuracy(pred: transformers.EvalPrediction) -> dict:
     return {"accuracy": float((np.asarray(pred.predictions) == np.asarray(pred.label_ids)).mean())}
+
+
+def _last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint that was fully written; a kill mid-save leaves one without its state file.
+
+    The Trainer writes trainer_state.json last, so its presence marks a finished checkpoint. Unfinished
+    ones are removed, or the Trainer would resume from them.
+    """
+    if not folder.is_dir():
+        return None
+    done = None
+    for ckpt in sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])):
+        if (ckpt / "trainer_state.json").exists():
+            done = ckpt
+        else:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return str(done) if done else None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -100,6 +128,7 @@ def train(
         max_grad_norm=1.0,
         eval_strategy="steps",
         eval_steps=spec.eval_every,
+        eval_on_start=True,  # the untrained point anchors every loss-vs-FLOPs curve (not on resume)
         save_strategy="steps",
         save_steps=spec.save_every,
         save_total_limit=2,
@@ -114,6 +143,14 @@ def train(
     )
     classify = task == "seq_cls"
     metrics_path = work / "metrics.jsonl"
+    last = None
+    if resume and processes().is_main_process:
+        last = _last_complete_checkpoint(ckpt_dir)
+        if last:
+            _truncate_metrics(metrics_path, int(Path(last).name.split("-")[-1]))
+    if processes().num_processes > 1:  # every process resumes from the checkpoint the main one chose
+        last = broadcast_object_list([last])[0]
+    args.eval_on_start = last is None  # a resumed run already has its starting point logged
     trainer = trainer_class(
         model=model,
         args=args,
@@ -125,11 +162,8 @@ def train(
         preprocess_logits_for_metrics=(lambda logits, labels: logits.argmax(-1)) if classify else None,
         callbacks=[_Bookkeeping(metrics_path, flops_per_token, not classify), *(callbacks or [])],
     )
-    last = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.is_dir() else None
-    if last and trainer.is_world_process_zero():
-        _truncate_metrics(metrics_path, int(Path(last).name.split("-")[-1]))
-    trainer.train(resume_from_checkpoint=last)
-    final = trainer.evaluate()
+    run = trainer.train(resume_from_checkpoint=last)
+    final = {**run.metrics, **trainer.evaluate()}
     if not classify:
         final["eval_perplexity"] = math.exp(min(final["eval_loss"], 50.0))
     final["flops"] = trainer.state.num_input_tokens_seen * flops_per_token

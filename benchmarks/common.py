@@ -1,0 +1,44 @@
+"""What every benchmark shares: argument parsing, thread settings, and writing NAME.json + NAME.png."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse(description: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="a tiny run that only proves the benchmark works")
+    p.add_argument("--out-dir", type=Path, default=RESULTS, help="where NAME.json and NAME.png go")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    return args
+
+
+def write(name: str, out_dir: Path, results: dict, fig) -> Path:
+    """Results JSON (with the machine it ran on) and the figure, side by side."""
+    import torch
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {
+        "benchmark": name,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.is_available()},
+        **results,
+    }
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(results, indent=1))
+    fig.savefig(out_dir / f"{name}.png", dpi=120, bbox_inches="tight")
+    return path

@@ -1,0 +1,18 @@
+"""The embedded default data (stdlib docstrings), its tasks and tokenizers, and user files."""
+
+from bequest.data.corpus import DOMAINS, load_corpus
+from bequest.data.files import load_labeled_files, load_text_files
+from bequest.data.tasks import TASKS, load_task, task_labels
+from bequest.data.tokenizer import tokenizer_kind, train_tokenizer
+
+__all__ = [
+    "DOMAINS",
+    "load_corpus",
+    "TASKS",
+    "load_task",
+    "task_labels",
+    "train_tokenizer",
+    "tokenizer_kind",
+    "load_text_files",
+    "load_labeled_files",
+]

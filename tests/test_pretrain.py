@@ -1,0 +1,187 @@
+"""The engine through `bequest pretrain`: learning, determinism, resume after SIGKILL, 2 processes."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from bequest.cli import app
+from bequest.engine.train import _Bookkeeping
+from bequest.errors import BequestError
+
+TINY = ["--layers", "1", "--hidden", "32", "--heads", "2", "--vocab", "500", "--seq-len", "32", "--batch-size", "4",
+        "--eval-blocks", "8"]
+
+
+# One thread everywhere: bit-identical comparisons need the same reduction order in every process.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bequest", *map(str, args)], capture_output=True, text=True, env=ENV)
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def weights(folder: Path) -> dict:
+    return load_file(folder / "model.safetensors")
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def evals(folder: Path) -> list[float]:
+    rows = [json.loads(r) for r in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [r["eval_loss"] for r in rows if "eval_loss" in r]
+
+
+def test_pretrain_lowers_validation_loss(tmp_path):
+    out = tmp_path / "m"
+    r = invoke("pretrain", "--family", "gpt2", *TINY, "--steps", "60", "--eval-every", "20", "--lr", "3e-3", out)
+    assert r.exit_code == 0, r.output
+    losses = evals(out)
+    assert len(losses) >= 4  # step 0 and every 20 steps
+    assert abs(losses[0] - math.log(500)) < 0.5  # an untrained model is about uniform over the vocabulary
+    assert losses[-1] < losses[0] - 0.7, losses
+    assert (out / "recipe.yaml").exists() and (out / "README.md").exists() and (out / "tokenizer.json").exists()
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["steps"] == 60
+    assert not (out / "checkpoints").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    info = invoke("info", out)
+    assert info.exit_code == 0 and "lineage" in info.output and "pretrain" in info.output
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "llama", "mistral", "qwen2"])
+def test_pretrain_every_family(tmp_path, family):
+    out = tmp_path / family
+    r = invoke("pretrain", "--family", family, *TINY, "--steps", "8", "--eval-every", "4", "--lr", "3e-3", out)
+    assert r.exit_code == 0, r.output
+    losses = evals(out)
+    assert losses[-1] < losses[0], losses
+    from bequest.io import load_model
+
+    model, tok = load_model(out)
+    assert model.config.model_type == family and tok is not None
+
+
+def test_same_seed_same_weights(tmp_path):
+    args = ["pretrain", "--family", "llama", *TINY, "--steps", "6", "--eval-every", "3"]
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert invoke(*args, "--seed", seed, tmp_path / name).exit_code == 0
+    assert same_weights(tmp_path / "a", tmp_path / "b")
+    assert not same_weights(tmp_path / "a", tmp_path / "c")
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    args = ["pretrain", "--family", "gpt2", *TINY, "--steps", "40", "--eval-every", "10", "--save-every", "10"]
+    assert cli(*args, tmp_path / "whole").returncode == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "bequest", *map(str, args), str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    ckpts = tmp_path / ".killed.partial" / "checkpoints"
+    deadline = time.time() + 120
+    while not (ckpts / "checkpoint-20").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not killed.exists(), "a killed run must not leave a folder that looks complete"
+    assert (ckpts / "checkpoint-20").exists()
+    resumed = cli(*args, killed)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # Trainer restores weights, AdamW moments, scheduler, RNG and data position: bit-identical on CPU.
+    assert same_weights(tmp_path / "whole", killed)
+    rows = [json.loads(r) for r in (killed / "metrics.jsonl").read_text().splitlines()]
+    whole = [json.loads(r) for r in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+
+    def timeless(rs):
+        # Wall-clock figures differ between any two runs, and the Trainer's closing train_loss averages
+        # only the steps this process ran; everything else must match exactly.
+        skip = ("runtime", "per_second", "train_loss")
+        return [{k: v for k, v in r.items() if not any(s in k for s in skip)} for r in rs]
+
+    assert timeless(rows) == timeless(whole), "the resumed run's log must read as one uninterrupted run"
+
+
+def test_two_process_accelerate_run(tmp_path):
+    out = tmp_path / "ddp"
+    # --multi_gpu is accelerate's torchrun launcher; on a machine without GPUs it runs gloo on CPU.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           "-m", "bequest", "pretrain", "--family", "gpt2", *TINY, "--steps", "6", "--eval-every", "3", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # Two processes of 4 blocks of 32 tokens each: 256 tokens per optimizer step, counted once.
+    last = max(rows, key=lambda x: x["step"])
+    assert last["step"] == 6 and last["tokens"] == 6 * 2 * 4 * 32
+    # Only the main process writes: evaluations at the start, steps 3 and 6, and the closing one.
+    assert [x["step"] for x in rows if "eval_loss" in x] == [0, 3, 6, 6]
+
+
+def test_existing_output_is_refused_and_kept(tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = invoke("pretrain", *TINY, "--steps", "2", out)
+    assert r.exit_code == 2 and "already exists; pass --overwrite" in r.output
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_recipe_file_and_flag_override(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"family": "qwen2", "layers": 1, "hidden": 32, "heads": 2, "vocab": 500,
+                                      "seq_len": 32, "batch_size": 4, "eval_blocks": 4, "steps": 50, "eval_every": 2}))
+    out = tmp_path / "m"
+    r = invoke("pretrain", "--recipe", recipe, "--steps", "2", out)
+    assert r.exit_code == 0, r.output
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert saved["family"] == "qwen2" and saved["steps"] == 2 and saved["out"] == str(out)
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ({"family": "gpt3"}, "family"),
+        ({"layers": "many"}, "layers"),
+        ({"stepz": 3}, "stepz"),
+        ("family: [unclosed", "not valid YAML"),
+        (["a", "b"], "must be a mapping"),
+    ],
+)
+def test_bad_recipe_one_line_exit_2(tmp_path, content, expected):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    r = invoke("pretrain", "--recipe", recipe, tmp_path / "m")
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
+    assert not (tmp_path / "m").exists()
+
+
+def test_bad_flags_exit_2():
+    r = invoke("pretrain", "--hidden", "30", "--heads", "4", "/nonexistent/x")
+    assert r.exit_code == 2 and "multiple of --heads" in r.output
+
+
+def test_nan_loss_is_a_clear_error(tmp_path):
+    guard = _Bookkeeping(tmp_path / "m.jsonl", 1, True)
+
+    class State:
+        global_step, num_input_tokens_seen, is_world_process_zero = 7, 0, True
+
+    with pytest.raises(BequestError, match="loss became nan at step 7; lower --lr"):
+        guard.on_log(None, State(), None, logs={"loss": float("nan")})
