@@ -185,3 +185,19 @@ def test_nan_loss_is_a_clear_error(tmp_path):
 
     with pytest.raises(BequestError, match="loss became nan at step 7; lower --lr"):
         guard.on_log(None, State(), None, logs={"loss": float("nan")})
+
+
+def test_pretrain_on_your_own_text_files(tmp_path):
+    import pydoc_data.topics
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = [p.strip() for t in pydoc_data.topics.topics.values() for p in t.split("\n\n") if len(p.strip()) > 40]
+    (corpus / "train.txt").write_text("\n".join(lines[:1500]))
+    (corpus / "validation.txt").write_text("\n".join(lines[1500:1700]))
+    out = tmp_path / "m"
+    r = invoke("pretrain", "--family", "llama", *TINY, "--steps", "4", "--eval-every", "2", "--corpus", corpus, out)
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["corpus"] == str(corpus)
+    bad = invoke("pretrain", *TINY, "--corpus", tmp_path / "nowhere", tmp_path / "n")
+    assert bad.exit_code == 2 and "nowhere" in bad.output and not (tmp_path / "n").exists()

@@ -68,7 +68,9 @@ def pretrain(r: PretrainRecipe) -> dict:
     fam = FAMILIES[r.family]
     task = "masked_lm" if "masked_lm" in fam.tasks else "causal_lm"
     train_text, eval_text = corpus_splits(r.corpus, r.domain)
-    tokenizer = data.train_tokenizer(data.tokenizer_kind(r.family), r.vocab)
+    # Your own corpus gets its own tokenizer; the embedded one shares a cached tokenizer across runs.
+    own_text = None if r.corpus == "default" else list(train_text["text"])
+    tokenizer = data.train_tokenizer(fam.tokenizer, r.vocab, texts=own_text)
     specials = {f"{k}_id": getattr(tokenizer, f"{k}_id") for k in ("pad_token", "bos_token", "eos_token")}
     config = make_config(
         r.family, layers=r.layers, hidden=r.hidden, heads=r.heads, ffn=r.ffn, kv_heads=r.kv_heads,

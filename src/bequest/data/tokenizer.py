@@ -24,14 +24,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
 KINDS: tuple[str, ...] = ("bpe", "wordpiece")
-FAMILIES: dict[str, str] = {
-    "bert": "wordpiece",
-    "gpt2": "bpe",
-    "roberta": "bpe",
-    "llama": "bpe",
-    "mistral": "bpe",
-    "qwen2": "bpe",
-}
 RECIPE = 1  # bump when the recipe below changes, so cached tokenizers are retrained
 BPE_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -39,9 +31,11 @@ WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 def tokenizer_kind(family: str) -> str:
     """The tokenizer recipe a model family expects: "wordpiece" or "bpe"."""
+    from bequest.anatomy import FAMILIES
+
     if family.lower() not in FAMILIES:
         raise BequestError(f"no tokenizer for model family {family!r}; choose one of: {', '.join(FAMILIES)}")
-    return FAMILIES[family.lower()]
+    return FAMILIES[family.lower()].tokenizer
 
 
 def _texts() -> list[str]:
@@ -138,15 +132,17 @@ def train_tokenizer(
     vocab_size: int = 8000,
     cache_dir: str | Path | None = None,
     model_max_length: int = 1024,
+    texts: list[str] | None = None,
 ) -> PreTrainedTokenizerFast:
-    """A `kind` ("bpe" or "wordpiece") tokenizer trained on the corpus, from cache when possible."""
+    """A `kind` ("bpe" or "wordpiece") tokenizer trained on `texts` (default: the embedded corpus's
+    train split), from cache when possible."""
     from transformers import PreTrainedTokenizerFast
 
     if kind not in KINDS:
         raise BequestError(f"unknown tokenizer kind {kind!r}; choose one of: {', '.join(KINDS)}")
     if vocab_size < 300:  # below the 256 bytes + specials the BPE alphabet needs
         raise BequestError(f"vocab_size {vocab_size} is too small; use at least 300")
-    texts = _texts()
+    texts = _texts() if texts is None else list(texts)
     root = cache_root(cache_dir) / "tokenizers"
     root.mkdir(parents=True, exist_ok=True)
     final = root / _cache_key(kind, vocab_size, texts)
