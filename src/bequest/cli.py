@@ -39,17 +39,23 @@ def _cli_type(annotation):
 
 def verb(name: str, recipe_cls: type[BaseModel], run: Callable, arguments: tuple[str, ...] = ("out",)):
     """Register `bequest NAME`: positional `arguments`, an option per other recipe field, --recipe."""
+    inherited = {f for base in recipe_cls.__mro__[1:] for f in getattr(base, "model_fields", {})}
+    fields = sorted(recipe_cls.model_fields.items(), key=lambda kv: kv[0] in inherited)  # own settings first
     params = []
-    for field, info in recipe_cls.model_fields.items():
+    for field, info in fields:
         kind = _cli_type(info.annotation)
+        flag = "--" + field.replace("_", "-")
         if field in arguments:
             default = typer.Argument(None, help=info.description, show_default=False)
         elif kind is bool:
-            default = typer.Option(None, f"--{field.replace('_', '-')}/--no-{field.replace('_', '-')}", help=info.description, show_default=False)
+            default = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=info.description, show_default=False)
         else:
-            choices = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is typing.Literal else ()
-            help_text = (info.description or "") + (f" [{'|'.join(map(str, choices))}]" if choices else "")
-            default = typer.Option(None, help=help_text + f" (default: {info.default})", show_default=False)
+            help_text = info.description or ""
+            if typing.get_origin(info.annotation) is typing.Literal:
+                help_text += " — one of: " + ", ".join(map(str, typing.get_args(info.annotation)))
+            if info.default is not None and not info.is_required():
+                help_text += f" (default: {info.default})"
+            default = typer.Option(None, flag, help=help_text, show_default=False)
         params.append(inspect.Parameter(field, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind | None))
     params.append(
         inspect.Parameter(
