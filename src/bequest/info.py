@@ -21,7 +21,7 @@ def describe(path: str | Path) -> str:
     lines = [f"{path}"]
     lines += [f"  {k:16} {v}" for k, v in anat.summary().items()]
     lines.append(f"  {'parameters':16} {n_params:,} in {len(slots)} tensors")
-    lines.append(f"  {'roles':16} " + ", ".join(f"{r} x{c}" for r, c in sorted(roles.items())))
+    lines.append(f"  {'tensors by role':16} " + ", ".join(f"{r} x{c}" for r, c in sorted(roles.items())))
     lineage = read_lineage(path)
     if lineage:
         lines.append(f"  {'lineage':16} {lineage.get('operation')} from {lineage.get('parent') or 'scratch'}"
