@@ -226,6 +226,9 @@ def make_config(
     elif kv_heads not in (None, heads):
         raise BequestError(f"{family} has no grouped KV heads; drop --kv-heads")
     kwargs = {fam.config_keys[k]: v for k, v in shape.items()}
+    # Special-token ids come from the tokenizer (pass them in `extra`); a family's defaults (GPT-2's
+    # 50256) would point outside a small vocabulary.
+    kwargs.update(bos_token_id=None, eos_token_id=None)
     kwargs.update(fam.tiny)
     kwargs.update(extra)
     return getattr(transformers, fam.config_class)(**kwargs)

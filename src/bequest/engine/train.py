@@ -162,6 +162,8 @@ def train(
         preprocess_logits_for_metrics=(lambda logits, labels: logits.argmax(-1)) if classify else None,
         callbacks=[_Bookkeeping(metrics_path, flops_per_token, not classify), *(callbacks or [])],
     )
+    if not progress:  # quiet means quiet: no per-log dict printed either
+        trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
     run = trainer.train(resume_from_checkpoint=last)
     final = {**run.metrics, **trainer.evaluate()}
     if not classify:
