@@ -16,10 +16,12 @@ def parse(description: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="a tiny run that only proves the benchmark works")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where NAME.json and NAME.png go")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 with --quick, where tiny matrices gain nothing, else 2)")
     args = p.parse_args()
     import torch
 
+    args.threads = args.threads or (1 if args.quick else 2)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -89,11 +89,12 @@ def info(model: Path = typer.Argument(..., help="a model folder")):
 
 
 def _register() -> None:
-    from bequest import pretrain
+    from bequest import inherit, pretrain
     from bequest.grow import command as grow
 
     verb("pretrain", pretrain.PretrainRecipe, pretrain.pretrain)
     verb("grow", grow.GrowRecipe, grow.grow_command, arguments=("src", "out"))
+    verb("inherit", inherit.InheritRecipe, inherit.inherit)
 
 
 _register()

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 from typing import Literal
 
 import transformers
-import yaml
 from pydantic import Field
 
 from bequest import data
 from bequest.anatomy import FAMILIES, anatomy, build_model, make_config
-from bequest.engine import TrainFields, fixed_masks, lm_blocks, processes, train, train_flops_per_token
+from bequest.engine import TrainFields, fixed_masks, lm_blocks, prepare_work, processes, train, train_flops_per_token
 from bequest.errors import BequestError
-from bequest.io import atomic_dir, check_output, partial_dir, write_model
+from bequest.io import atomic_dir, check_output, write_model
 
 Family = Literal["gpt2", "bert", "roberta", "llama", "mistral", "qwen2"]
 
@@ -44,21 +42,16 @@ def corpus_splits(corpus: str, domain: str | None):
     return data.load_text_files(corpus, "train"), data.load_text_files(corpus, "validation")
 
 
-def _prepare_work(r: PretrainRecipe, state) -> Path:
-    """The partial folder: resumed if it holds the same recipe, refused if another."""
-    work = partial_dir(r.out)
-    saved = work / "recipe.yaml"
-    recipe = r.model_dump(exclude={"overwrite"})
-    if state.is_main_process and work.exists():
-        if r.overwrite:
-            shutil.rmtree(work)
-        elif not saved.exists() or yaml.safe_load(saved.read_text()) != recipe:
-            raise BequestError(f"{work} holds an unfinished run of another recipe; pass --overwrite to start afresh")
-    if state.is_main_process:
-        work.mkdir(parents=True, exist_ok=True)
-        saved.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    state.wait_for_everyone()
-    return work
+def lm_splits(train_text, eval_text, tokenizer, task: str, r) -> tuple:
+    """Packed training blocks and a capped evaluation set (fixed masks for masked LM)."""
+    train_set = lm_blocks(train_text, tokenizer, r.seq_len)
+    eval_set = lm_blocks(eval_text, tokenizer, r.seq_len)
+    eval_set = eval_set.select(range(min(r.eval_blocks, len(eval_set))))
+    if task == "masked_lm":
+        eval_set = fixed_masks(eval_set, tokenizer, seed=r.seed)
+    if len(train_set) == 0 or len(eval_set) == 0:
+        raise BequestError(f"corpus {r.corpus!r} is shorter than one {r.seq_len}-token block; add text or lower --seq-len")
+    return train_set, eval_set
 
 
 def pretrain(r: PretrainRecipe) -> dict:
@@ -78,15 +71,9 @@ def pretrain(r: PretrainRecipe) -> dict:
     )
     transformers.set_seed(r.seed)
     model = build_model(config, task)
-    train_set = lm_blocks(train_text, tokenizer, r.seq_len)
-    eval_set = lm_blocks(eval_text, tokenizer, r.seq_len)
-    eval_set = eval_set.select(range(min(r.eval_blocks, len(eval_set))))
-    if task == "masked_lm":
-        eval_set = fixed_masks(eval_set, tokenizer, seed=r.seed)
-    if len(train_set) == 0 or len(eval_set) == 0:
-        raise BequestError(f"corpus {r.corpus!r} is shorter than one {r.seq_len}-token block; add text or lower --seq-len")
+    train_set, eval_set = lm_splits(train_text, eval_text, tokenizer, task, r)
 
-    work = _prepare_work(r, state)
+    work = prepare_work(r.out, r.model_dump(exclude={"overwrite"}), r.overwrite)
     flops = train_flops_per_token(anatomy(model), r.seq_len)
     metrics = train(model, tokenizer, task, train_set, eval_set, work, r, flops_per_token=flops)
     if state.is_main_process:

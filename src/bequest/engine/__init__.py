@@ -2,7 +2,7 @@
 
 from bequest.engine.data import collator, fixed_masks, labelled, lm_blocks
 from bequest.engine.flops import forward_flops_per_token, matmul_params, train_flops_per_token
-from bequest.engine.train import TrainFields, processes, train
+from bequest.engine.train import TrainFields, prepare_work, processes, train
 
 __all__ = [
     "TrainFields",
@@ -12,6 +12,7 @@ __all__ = [
     "labelled",
     "lm_blocks",
     "matmul_params",
+    "prepare_work",
     "processes",
     "train",
     "train_flops_per_token",

@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from pydantic import BaseModel, ConfigDict, Field
+import yaml
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
+from pydantic import BaseModel, ConfigDict, Field
 
 from bequest.engine.data import collator
 from bequest.errors import BequestError
+from bequest.io import partial_dir
 
 
 class TrainFields(BaseModel):
@@ -45,6 +47,23 @@ def processes() -> PartialState:
     CPU-only torchrun/accelerate launch to a single process.
     """
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+def prepare_work(out: str | Path, recipe: dict, overwrite: bool) -> Path:
+    """A run's hidden `.OUT.partial` folder: resumed if it holds the same recipe, refused if another."""
+    state = processes()
+    work = partial_dir(out)
+    saved = work / "recipe.yaml"
+    if state.is_main_process and work.exists():
+        if overwrite:
+            shutil.rmtree(work)
+        elif not saved.exists() or yaml.safe_load(saved.read_text()) != recipe:
+            raise BequestError(f"{work} holds an unfinished run of another recipe; pass --overwrite to start afresh")
+    if state.is_main_process:
+        work.mkdir(parents=True, exist_ok=True)
+        saved.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    state.wait_for_everyone()
+    return work
 
 
 class _Bookkeeping(transformers.TrainerCallback):

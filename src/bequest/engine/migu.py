@@ -1,0 +1,176 @@
+"""MIGU: magnitude-based gradient updating for continual fine-tuning (Du et al. 2024; METHODS.md section 5).
+
+A `TrainerCallback` plus forward hooks. During each optimizer step, every masked layer (each trainable
+`nn.Linear`, GPT-2's `Conv1D`, and under peft the LoRA A and B matrices, which are `nn.Linear` too)
+adds up, per OUTPUT feature, the L1 magnitude of its output over the step's real tokens: padding is
+left out (the original code counted it). Before the optimizer step the statistic is summed across
+processes, and in every layer the gradient rows of the fraction T with the smallest magnitude are
+zeroed, so only the top (1 - T) rows learn. Biases, embeddings, norms and the layers named in `skip`
+(task heads) are never masked.
+
+- Kept rows: exactly n - floor(T * n) per layer, the largest by `topk` (a quantile threshold would keep
+  more or fewer under ties and interpolation). A fused matrix (GPT-2's qkv) is one layer.
+- Gradient accumulation: the hooks accumulate over every micro-batch of the step (the callback resets
+  at `on_step_begin`, which the Trainer calls once per optimizer step) and the mask is applied once, to
+  the accumulated gradient.
+- Clipping: the paper masks before clipping, so the clip norm is the masked gradient's. transformers
+  calls `on_pre_optimizer_step` AFTER clipping, so `MIGUTrainer` applies the mask from its
+  `_clip_grad_norm`; with a plain Trainer the callback still masks, after clipping (the same rows, a
+  slightly smaller step when the clip was active).
+- Random masks (the ablation baseline): the same number of rows per layer, chosen uniformly at random
+  each step from a generator seeded by (seed, step), so every process draws the same rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import transformers
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from bequest.errors import BequestError
+
+
+def keep_top(stat: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Boolean mask of the n - floor(T * n) largest entries of `stat` (T = fraction masked)."""
+    n = stat.numel()
+    keep = n - math.floor(threshold * n + 1e-9)  # 1e-9: 0.7 * 10 must count as 7, not 7.000000000000001 -> 7
+    mask = torch.zeros(n, dtype=torch.bool, device=stat.device)
+    mask[stat.topk(keep, sorted=False).indices] = True
+    return mask
+
+
+def keep_random(n: int, threshold: float, generator: torch.Generator) -> torch.Tensor:
+    """As many rows as `keep_top` keeps, chosen uniformly at random."""
+    keep = n - math.floor(threshold * n + 1e-9)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=generator)[:keep]] = True
+    return mask
+
+
+def maskable(model: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, tuple[nn.Module, int]]:
+    """Trainable linear layers by name, each with the axis of its weight that indexes output features.
+
+    A name is skipped when one of `skip` is a run of its dotted components ("score" skips
+    "base_model.model.score.modules_to_save.default"). Frozen layers (LoRA's base weights) have no
+    gradient to mask.
+    """
+    found = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, Conv1D)) or not module.weight.requires_grad:
+            continue
+        if any(f".{s}." in f".{name}." for s in skip):
+            continue
+        found[name] = (module, 1 if isinstance(module, Conv1D) else 0)  # Conv1D stores [in, out]
+    return found
+
+
+class MIGU(transformers.TrainerCallback):
+    """Mask each step's gradient rows to the layers' largest output magnitudes (or random rows)."""
+
+    def __init__(self, model: nn.Module, threshold: float = 0.7, *, random: bool = False,
+                 skip: tuple[str, ...] = (), seed: int = 0):
+        if not 0.0 <= threshold < 1.0:
+            raise BequestError(f"MIGU threshold {threshold} is outside [0, 1); it is the fraction of rows masked")
+        self.model, self.threshold, self.random, self.seed = model, threshold, random, seed
+        self.layers = maskable(model, skip)
+        if not self.layers:
+            raise BequestError("MIGU found no trainable linear layer to mask; is everything frozen or skipped?")
+        sizes = [m.weight.shape[axis] for m, axis in self.layers.values()]
+        # One flat buffer, so the cross-process sum is a single all-reduce.
+        device = next(iter(self.layers.values()))[0].weight.device
+        self.flat = torch.zeros(sum(sizes), device=device)
+        self.stats = dict(zip(self.layers, self.flat.split(sizes)))
+        self.masks: dict[str, torch.Tensor] = {}  # the rows kept at the last step, for inspection
+        self._tokens: torch.Tensor | None = None
+        self._handles: list = []
+        self._applied = False
+
+    # ---------------------------------------------------------------- statistic
+
+    def attach(self) -> None:
+        """Start measuring (random masks need no statistic)."""
+        if self._handles or self.random:
+            return
+        self._handles.append(self.model.register_forward_pre_hook(self._capture, with_kwargs=True))
+        for name, (module, _) in self.layers.items():
+            self._handles.append(module.register_forward_hook(self._measurer(self.stats[name])))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _capture(self, module, args, kwargs):
+        self._tokens = kwargs.get("attention_mask")
+
+    def _measurer(self, stat: torch.Tensor):
+        def measure(module, args, output):
+            if not module.training:  # evaluations inside a training run must not count
+                return
+            out = output.detach().abs().float()  # fp32 sums, whatever the training precision
+            rows = out.reshape(-1, out.shape[-1])
+            tokens = self._tokens
+            if tokens is not None and out.dim() >= 3 and out.shape[:2] == tokens.shape:
+                # A [1, tokens] x [tokens, features] product sums the real tokens in one call.
+                stat.add_((tokens.reshape(1, -1).to(out.dtype) @ rows)[0])
+            else:  # no token axis (BERT's pooler) or no mask given: every row is real
+                stat.add_(rows.sum(0))
+
+        return measure
+
+    def reset(self) -> None:
+        self.flat.zero_()
+        self._applied = False
+
+    def _all_reduce(self, flat: torch.Tensor) -> torch.Tensor:
+        """Sum the statistic over processes, so every process masks the same rows."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        return flat
+
+    # ---------------------------------------------------------------- mask
+
+    def apply(self, step: int = 0) -> None:
+        """Zero the gradient rows outside each layer's kept set; once per optimizer step."""
+        if self._applied:
+            return
+        self._applied = True
+        if self.random:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            masks = {name: keep_random(s.numel(), self.threshold, g).to(s.device) for name, s in self.stats.items()}
+        else:
+            self._all_reduce(self.flat)  # every process calls it, gradients or not
+            masks = {name: keep_top(s, self.threshold) for name, s in self.stats.items()}
+        for name, keep in masks.items():
+            module, axis = self.layers[name]
+            grad = module.weight.grad
+            if grad is not None:
+                grad.mul_(keep.to(grad.dtype).view((-1, 1) if axis == 0 else (1, -1)))
+        self.masks = masks
+
+    # ---------------------------------------------------------------- Trainer events
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.attach()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.detach()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.reset()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.apply(state.global_step)  # a no-op when MIGUTrainer already masked before clipping
+
+
+class MIGUTrainer(transformers.Trainer):
+    """A Trainer that applies its MIGU callbacks' masks before gradient clipping, as the paper does."""
+
+    def _clip_grad_norm(self, model):
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, MIGU):
+                callback.apply(self.state.global_step)
+        return super()._clip_grad_norm(model)
