@@ -89,12 +89,13 @@ def info(model: Path = typer.Argument(..., help="a model folder")):
 
 
 def _register() -> None:
-    from bequest import inherit, pretrain
+    from bequest import inherit, lifelong, pretrain
     from bequest.grow import command as grow
 
     verb("pretrain", pretrain.PretrainRecipe, pretrain.pretrain)
     verb("grow", grow.GrowRecipe, grow.grow_command, arguments=("src", "out"))
     verb("inherit", inherit.InheritRecipe, inherit.inherit)
+    verb("lifelong", lifelong.LifelongRecipe, lifelong.lifelong)
 
 
 _register()

@@ -1,0 +1,175 @@
+"""Lifelong pre-training (ELLE): replay windows, AP/AP+, growth schedules, and a 3-domain stream end to end."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets import Dataset
+from typer.testing import CliRunner
+
+import bequest.lifelong as lifelong_module
+from bequest.anatomy import anatomy
+from bequest.io import load_model, read_lineage
+from bequest.lifelong import (
+    LifelongRecipe, encode, lifelong, next_shape, parse_schedule, perplexity, prompt_id, replay_order, stream_metrics,
+)
+from conftest import tiny
+
+STREAM = ("text", "data", "system")
+SMALL = dict(domains=",".join(STREAM), hidden=32, heads=2, layers=1, vocab=500, seq_len=32, batch_size=4,
+             eval_blocks=4, memory_size=8, replay_fraction=0.25, warmup_steps=2, steps=3, eval_every=3,
+             save_every=100, lr=3e-3, warmup=1, grow_schedule="hidden+16,layers+1")
+
+
+@pytest.mark.parametrize("batch,fraction", [(16, 0.1), (8, 0.25), (5, 0.5), (4, 0.0)])
+def test_every_batch_holds_the_set_fraction_of_memory(batch, fraction):
+    n_new, n_mem, batches = 37, 11, 30
+    order = replay_order(n_new, n_mem, batch, batches, fraction, seed=3)
+    assert len(order) == batch * batches and all(0 <= i < n_new + n_mem for i in order)
+    want = round(fraction * batch)
+    assert [sum(i >= n_new for i in order[b * batch:(b + 1) * batch]) for b in range(batches)] == [want] * batches
+    # Each pool is walked through whole permutations: every block is drawn, none twice more than another.
+    counts = np.bincount(order, minlength=n_new + n_mem)
+    assert counts[:n_new].min() >= 1 and counts[:n_new].max() - counts[:n_new].min() <= 1
+    if want:
+        assert counts[n_new:].min() >= 1 and counts[n_new:].max() - counts[n_new:].min() <= 1
+    # Memory only (the recovery warm-up) and no memory at all.
+    assert all(i >= 0 for i in replay_order(0, 7, 4, 3, 1.0, seed=0)) and len(replay_order(0, 7, 4, 3, 1.0, 0)) == 12
+    assert all(i < n_new for i in replay_order(n_new, 0, batch, 5, 0.5, seed=0))
+
+
+def test_ap_and_ap_plus_by_hand():
+    domains = ["a", "b", "c"]
+    ppl = [{"a": 10.0, "b": 50.0, "c": 60.0},
+           {"a": 12.0, "b": 20.0, "c": 40.0},
+           {"a": 15.0, "b": 23.0, "c": 8.0}]
+    got = stream_metrics(ppl, domains)
+    assert got[0] == {"AP": 10.0, "AP+": None}
+    assert got[1]["AP"] == pytest.approx((12 + 20) / 2) and got[1]["AP+"] == pytest.approx(12 - 10)
+    assert got[2]["AP"] == pytest.approx((15 + 23 + 8) / 3)
+    assert got[2]["AP+"] == pytest.approx(((15 - 10) + (23 - 20)) / 2)
+
+
+def test_schedule_parsing_and_shapes():
+    assert parse_schedule("hidden+32, layers+1") == [[("hidden", "+", 32), ("layers", "+", 1)]]
+    assert parse_schedule("layers+1;hidden=96") == [[("layers", "+", 1)], [("hidden", "=", 96)]]
+    with pytest.raises(ValueError, match="KEY\\+N"):
+        parse_schedule("width+3")
+    a = anatomy(tiny("gpt2", "causal_lm", hidden=32, heads=2, ffn=64))
+    assert next_shape(a, [("hidden", "+", 16), ("layers", "+", 1)]) == {"hidden": 48, "ffn": 96, "layers": 3}
+    assert next_shape(a, [("ffn", "=", 100)]) == {"hidden": 32, "ffn": 100, "layers": 2}
+
+
+def test_prompted_and_plain_blocks_score_the_same_tokens():
+    plain = encode([[5, 6, 0, 7]], None, pad=0)
+    prompted = encode([[5, 6, 0, 7]], 99, pad=0)
+    assert plain == {"input_ids": [[5, 6, 0, 7]], "labels": [[-100, 6, -100, 7]]}
+    assert prompted == {"input_ids": [[99, 5, 6, 0, 7]], "labels": [[-100, -100, 6, -100, 7]]}
+
+
+def test_three_domain_stream_end_to_end_and_resume(tmp_path, monkeypatch):
+    real, calls, firsts = lifelong_module.train, [], []
+
+    def dies_in_stage_two(*args, **kwargs):
+        calls.append(Path(args[5]).name)
+        firsts.append([row[0] for row in args[3]["input_ids"]])  # each block's prompt: which domain it is from
+        if len(calls) == 4:  # stage 0 train, stage 1 recover + train, then stage 2's recovery
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lifelong_module, "train", dies_in_stage_two)
+    out = tmp_path / "elle"
+    r = LifelongRecipe(out=str(out), **SMALL)
+    with pytest.raises(KeyboardInterrupt):
+        lifelong(r)
+    assert not out.exists() and (tmp_path / ".elle.partial" / "stage1-data" / "stage.json").exists()
+    metrics = lifelong(r)
+    assert calls[4:] == ["recover", "stage2-system"]  # stages 0 and 1 were kept
+
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics)) and saved["domains"] == list(STREAM)
+    assert (out / "ap.png").stat().st_size > 1000 and (out / "domains.png").stat().st_size > 1000
+    stages = saved["stages"]
+    assert [(s["shape"]["hidden"], s["shape"]["layers"]) for s in stages] == [(32, 1), (48, 2), (64, 3)]
+    assert [(s["recover_steps"], s["replay_fraction"]) for s in stages] == [(0, 0), (2, 0.25), (2, 0.25)]
+    assert [s["memory_per_batch"] for s in stages] == [0, 1, 1]
+
+    # Exact growth: at the moment of growth every domain's perplexity is the previous stage's.
+    for prev, s in zip(stages, stages[1:]):
+        for d in STREAM:
+            assert s["ppl_grown"][d] == pytest.approx(prev["ppl"][d], rel=1e-4)
+    # AP and AP+ by hand from the stored perplexities.
+    p = [s["ppl"] for s in stages]
+    assert stages[2]["AP"] == pytest.approx(np.mean([p[2]["text"], p[2]["data"], p[2]["system"]]))
+    assert stages[2]["AP+"] == pytest.approx(((p[2]["text"] - p[0]["text"]) + (p[2]["data"] - p[1]["data"])) / 2)
+    assert stages[1]["AP+"] == pytest.approx(p[1]["text"] - p[0]["text"]) and stages[0]["AP+"] is None
+
+    # What trained: stage 1's recovery warm-up on memory only, then every batch of 4 holds exactly one
+    # memory block (round(0.25 * 4)); stage 2's batches draw theirs from both earlier domains.
+    model, tok = load_model(out / "stage2-system")
+    ids = {d: prompt_id(tok, d) for d in STREAM}
+    assert set(firsts[0]) == {ids["text"]} and set(firsts[1]) == {ids["text"]}
+    for trained, domain in ((firsts[2], "data"), (firsts[5], "system")):
+        windows = [trained[i:i + 4] for i in range(0, len(trained), 4)]
+        assert len(windows) == 3 and all(sum(t != ids[domain] for t in w) == 1 for w in windows)
+    assert set(firsts[4]) == {ids["text"], ids["data"]}
+
+    # Every stage is a normal HF folder whose lineage points at the previous one.
+    parents = [None, str(out / "stage0-text"), str(out / "stage1-data")]
+    for k, (d, parent) in enumerate(zip(STREAM, parents)):
+        folder = out / f"stage{k}-{d}"
+        assert read_lineage(folder)["parent"] == parent and read_lineage(folder)["operation"] == "lifelong:elle"
+        assert not (folder / "checkpoints").exists() and (folder / "metrics.jsonl").exists()
+
+    # The domain prompts are stored with the model: reloaded, they give the recorded perplexity, and
+    # the wrong domain's prompt gives another.
+    assert len(set(ids.values())) == 3 and None not in ids.values()
+    from bequest import data
+    from bequest.engine import lm_blocks
+
+    blocks = list(lm_blocks(data.load_corpus("data", "validation"), tok, 32)["input_ids"])[:4]
+    right = perplexity(model, Dataset.from_dict(encode(blocks, ids["data"], tok.pad_token_id)))
+    wrong = perplexity(model, Dataset.from_dict(encode(blocks, ids["system"], tok.pad_token_id)))
+    assert right == pytest.approx(stages[2]["ppl"]["data"], rel=1e-5) and wrong != pytest.approx(right, rel=1e-6)
+
+
+def test_naive_baseline_keeps_size_and_budget_sets_steps(tmp_path):
+    budget = 2.5e8
+    r = LifelongRecipe(out=str(tmp_path / "naive"), **{**SMALL, "domains": "text,data"}, method="naive",
+                       budget_flops=budget)
+    metrics = lifelong(r)
+    stages = metrics["stages"]
+    assert [s["shape"]["hidden"] for s in stages] == [32, 32] and not metrics["prompts"]
+    assert all(s["ppl_grown"] is None and s["recover_steps"] == 0 and s["replay_fraction"] == 0 for s in stages)
+    for s in stages:  # the budget, spent to within one step
+        per_step = s["flops"] / s["steps"]
+        assert budget - per_step < s["flops"] <= budget
+    model, tok = load_model(tmp_path / "naive" / "stage1-data")
+    assert prompt_id(tok, "text") is None
+
+
+def test_cli_refuses_bad_settings_in_one_line(tmp_path):
+    from bequest.cli import app, verb
+
+    if not any(c.name == "lifelong" for c in app.registered_commands):
+        verb("lifelong", LifelongRecipe, lifelong)
+    bad = CliRunner().invoke(app, ["lifelong", str(tmp_path / "x"), "--grow-schedule", "width+3"])
+    assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "KEY+N" in bad.output, bad.output
+    bad = CliRunner().invoke(app, ["lifelong", str(tmp_path / "x"), "--domains", "text,text"])
+    assert bad.exit_code == 2 and "distinct" in bad.output, bad.output
+    bad = CliRunner().invoke(app, ["lifelong", str(tmp_path / "x"), "--family", "bert", "--domains", "text"])
+    assert bad.exit_code == 2 and "causal" in bad.output, bad.output
+    bad = CliRunner().invoke(app, ["lifelong", str(tmp_path / "x"), "--width", "nope", "--domains", "text,data",
+                                   "--vocab", "500", "--hidden", "32", "--heads", "2"])
+    assert bad.exit_code == 2 and "nope" in bad.output, bad.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / ".x.partial").exists()
+
+
+def test_llama_growth_only_keeps_perplexity_at_growth(tmp_path):
+    r = LifelongRecipe(out=str(tmp_path / "grow"), **{**SMALL, "domains": "text,data", "steps": 2}, family="llama",
+                       kv_heads=1, method="grow")
+    stages = lifelong(r)["stages"]
+    assert stages[1]["shape"] == {"hidden": 48, "heads": 3, "kv_heads": 1, "ffn": 192, "layers": 2}
+    assert stages[1]["ppl_grown"]["text"] == pytest.approx(stages[0]["ppl"]["text"], rel=1e-4)
+    assert stages[1]["recover_steps"] == 0 and stages[1]["replay_fraction"] == 0
