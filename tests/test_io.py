@@ -117,4 +117,4 @@ def test_bad_folders_get_one_line_error_and_exit_2(saved, damage):
 def test_info_describes_a_model(saved):
     result = CliRunner().invoke(app, ["info", str(saved)])
     assert result.exit_code == 0, result.output
-    assert "gpt2" in result.output and "parameters" in result.output and "attn.qkv x2" in result.output
+    assert "gpt2" in result.output and "parameters" in result.output and "attn.qkv x4" in result.output  # 2 blocks x (weight, bias)

@@ -23,7 +23,7 @@ from bequest.anatomy import AUTO_CLASSES, anatomy, task_of
 from bequest.errors import BequestError
 
 # Non-parameter tensors older checkpoints carry (causal masks, position ids, rotary caches).
-_BUFFER_SUFFIXES = ("attn.bias", "attn.masked_bias", "position_ids", "rotary_emb.inv_freq")
+_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".position_ids", ".rotary_emb.inv_freq")
 
 
 # ---------------------------------------------------------------- reading

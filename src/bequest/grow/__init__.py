@@ -7,6 +7,7 @@ and the index maps it used, so adapters and optimizer states can follow the same
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -91,20 +92,51 @@ def targets(anat: Anatomy, hidden=None, heads=None, kv_heads=None, ffn=None, lay
     return target
 
 
-def _noise(state: dict, old: dict, plan: list, std: float, gen) -> dict:
-    """N(0, std^2) on every expanded tensor: those whose shape grew, and every new block."""
-    seen, new_blocks = set(), set()
+def new_blocks(plan: list) -> set[int]:
+    """New block indices that are fresh or a second (third, ...) copy of their source."""
+    seen, out = set(), set()
     for j, (src, fresh) in enumerate(plan):
         if fresh or src in seen:
-            new_blocks.add(j)
+            out.add(j)
         seen.add(src)
+    return out
+
+
+def add_noise(key: str, t: torch.Tensor, std: float, seed: int) -> torch.Tensor:
+    """t + N(0, std^2), drawn from a generator of its own per (seed, key): the draw does not depend on
+    which tensors came before, so the streaming path, which visits tensors in another order, adds the same."""
+    gen = torch.Generator().manual_seed((seed * 2**32 + zlib.crc32(key.encode())) % 2**64)
+    return t + torch.randn(t.shape, generator=gen) * std
+
+
+def _noise(state: dict, old: dict, plan: list, std: float, seed: int) -> dict:
+    """N(0, std^2) on every expanded tensor: those whose shape grew, and every new block."""
+    blocks = new_blocks(plan)
     out = {}
     for key, t in state.items():
         layer, role, kind = split_key(key)
         source = key if layer is None else join_key(plan[layer][0], role, kind)
-        grew = layer in new_blocks or t.shape != old[source].shape
-        out[key] = t + torch.randn(t.shape, generator=gen) * std if grew else t
+        grew = layer in blocks or t.shape != old[source].shape
+        out[key] = add_noise(key, t, std, seed) if grew else t
     return out
+
+
+def growth_maps(width: str, depth: str, anat: Anatomy, spaces: dict, plan: list, notes: dict, pooled: bool) -> dict:
+    """JSON-serialisable: which new unit / layer came from which old one (None: fresh)."""
+    maps = {
+        "width": width,
+        "depth": depth,
+        "head_dim": anat.head_dim,
+        "hidden": list(spaces["hidden"].units),
+        # Per new block (every block grows the same way today; adapters should not assume it).
+        **{k: [list(spaces[k].units) for _ in plan] for k in ("heads", "kv_heads", "ffn")},
+        "layers": [None if fresh else src for src, fresh in plan],
+    }
+    if pooled:
+        maps["pool"] = list(spaces["pool"].units)
+    if "new_units_from_layer" in notes:
+        maps["new_units_from_layer"] = [notes["new_units_from_layer"][src] for src, _ in plan]
+    return maps
 
 
 def grow(
@@ -133,27 +165,14 @@ def grow(
     state, spaces, notes = WIDTH[width](old, anat, target, gen)
     state = restack(state, plan, bool(getattr(anat.config, "scale_attn_by_inverse_layer_idx", False)))
     if noise:
-        state = _noise(state, old, plan, noise, gen)
+        state = _noise(state, old, plan, noise, seed)
 
     shape = {**target, "head_dim": anat.head_dim}
     config = grown_config(anat, shape, eps_factor(spaces), [src for src, _ in plan])
     new = build_grown(anat, config, state, next(model.parameters()))
     new.train(model.training)
 
-    maps = {
-        "width": width,
-        "depth": depth,
-        "head_dim": anat.head_dim,
-        "hidden": list(spaces["hidden"].units),
-        # Per new block (every block grows the same way today; adapters should not assume it).
-        **{k: [list(spaces[k].units) for _ in plan] for k in ("heads", "kv_heads", "ffn")},
-        "layers": [None if fresh else src for src, fresh in plan],
-    }
-    if _width.is_pooled(old):
-        maps["pool"] = list(spaces["pool"].units)
-    if "new_units_from_layer" in notes:
-        maps["new_units_from_layer"] = [notes["new_units_from_layer"][src] for src, _ in plan]
-    return Grown(new, maps)
+    return Grown(new, growth_maps(width, depth, anat, spaces, plan, notes, _width.is_pooled(old)))
 
 
 __all__ = [

@@ -1,18 +1,27 @@
-"""`bequest grow SRC OUT`: grow a saved model and save it with its growth maps and measured deviation."""
+"""`bequest grow SRC OUT`: grow a saved model and save it with its growth maps and measured deviation.
+
+It always streams (grow/stream.py): tensor by tensor from the source's shards to the output's, so a
+checkpoint bigger than RAM grows in the memory of a few of its tensors, with the in-memory path's
+results. The deviation probe needs both models in memory, so by default it runs only for small ones.
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from typing import Literal
 
 import torch
+import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from bequest import __version__
 from bequest.anatomy import anatomy
-from bequest.grow import DEPTH, WIDTH, grow, max_abs_logit_change, targets
-from bequest.io import atomic_dir, check_output, load_config, load_model, write_model
+from bequest.grow import DEPTH, WIDTH, max_abs_logit_change, stream
+from bequest.io import atomic_dir, check_output, load_model, model_card
 
 PROBE = (2, 16)  # sequences x tokens of the fixed probe batch
+PROBE_LIMIT = 2 * 10**9  # source bytes up to which the probe runs unless told (it loads both models)
 
 
 class GrowRecipe(BaseModel):
@@ -32,6 +41,12 @@ class GrowRecipe(BaseModel):
     )
     noise: float = Field(0.0, ge=0.0, description="std of symmetry-breaking noise added to expanded tensors")
     seed: int = Field(0, description="seed for new random weights and noise")
+    shard_size: str = Field("2GB", description="largest output shard, like 2GB, 500MB or 4GiB")
+    probe: bool | None = Field(
+        None,
+        description="measure max |Δ logits| against the source on a probe batch; it loads both models "
+        "(default: only when the source's weights are under 2 GB)",
+    )
     overwrite: bool = Field(False, description="replace an existing output folder")
 
 
@@ -52,34 +67,60 @@ def _shape(a) -> str:
 def grow_command(r: GrowRecipe) -> dict:
     """Grow a model wider and/or deeper, reusing its trained weights."""
     check_output(r.out, r.overwrite)
-    # An impossible target is refused from config.json alone, before any weights load.
-    anat = anatomy(load_config(r.src))
-    target = targets(anat, r.hidden, r.heads, r.kv_heads, r.ffn, r.layers)
-    DEPTH[r.depth](anat.layers, target["layers"], r.placement)
-    model, tokenizer = load_model(r.src)
-    grown = grow(
-        model, hidden=r.hidden, heads=r.heads, kv_heads=r.kv_heads, ffn=r.ffn, layers=r.layers,
-        width=r.width, depth=r.depth, placement=r.placement, noise=r.noise, seed=r.seed,
+    shard_size = stream.parse_size(r.shard_size)
+    start = time.perf_counter()
+    # Planned from config.json and the tensor headers: an impossible target is refused before any
+    # weights load, and so is a disk too small for the result.
+    plan = stream.plan(
+        r.src, hidden=r.hidden, heads=r.heads, kv_heads=r.kv_heads, ffn=r.ffn, layers=r.layers, width=r.width,
+        depth=r.depth, placement=r.placement, noise=r.noise, seed=r.seed, shard_size=shard_size,
     )
-    probe = probe_ids(model)
-    deviation = max_abs_logit_change(model, grown.model, probe)
+    measure = r.probe if r.probe is not None else plan.source_bytes < PROBE_LIMIT
+    stream.check_disk(r.out, plan.nbytes)
     report = {
         "width": r.width,
         "depth": r.depth,
-        "from": _shape(anatomy(model)),
-        "to": _shape(anatomy(grown.model)),
-        "max_abs_logit_change": deviation,
-        "probe": {"shape": list(probe.shape), "seed": 0, "ids": "uniform over the vocabulary"},
-        "maps": grown.maps,
+        "from": _shape(plan.anat),
+        "to": _shape(plan.new_anat),
+        "max_abs_logit_change": None,
+        "probe": {"skipped": "turned off by --no-probe" if r.probe is False else
+                  f"the source's {plan.source_bytes / 1e9:.1f} GB of weights are over the {PROBE_LIMIT / 1e9:g} GB "
+                  "the probe loads by default; pass --probe to measure"},
+        "weights": {"dtype": sorted({o.dtype for shard in plan.shards for o in shard}), "bytes": plan.nbytes,
+                    "shards": len(plan.shards), "streamed": True},
+        "seconds": {"plan": time.perf_counter() - start},
+        "maps": plan.maps,
     }
     with atomic_dir(r.out, r.overwrite) as folder:
-        write_model(folder, grown.model, tokenizer, operation="grow", parent=str(r.src), recipe=r.model_dump())
+        start = time.perf_counter()
+        stream.write(plan, folder)
+        report["seconds"]["write"] = time.perf_counter() - start
+        if measure:
+            model, _ = load_model(r.src, with_tokenizer=False)
+            grown, _ = load_model(folder, with_tokenizer=False)
+            probe = probe_ids(model)
+            report["max_abs_logit_change"] = max_abs_logit_change(model, grown, probe)
+            report["probe"] = {"shape": list(probe.shape), "seed": 0, "ids": "uniform over the vocabulary"}
+            del model, grown
+        stream.copy_tokenizer(r.src, folder)
+        lineage = {"parent": str(r.src), "operation": "grow", "recipe": r.model_dump(), "version": __version__}
+        (folder / "recipe.yaml").write_text(yaml.safe_dump(r.model_dump(), sort_keys=False))
+        (folder / "README.md").write_text(model_card(lineage) + _card_line(report, r), encoding="utf-8")
         (folder / "growth.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
-        with open(folder / "README.md", "a", encoding="utf-8") as card:
-            card.write(
-                f"\nGrown {report['from']} -> {report['to']} by `{r.width}` width and `{r.depth}` depth; "
-                f"max |Δ logits| against the source on a {'x'.join(map(str, probe.shape))} probe: {deviation:.3g} "
-                "(index maps in growth.json).\n"
-            )
-    print(f"saved {r.out}: {report['from']} -> {report['to']}, {r.width}/{r.depth}, max |Δ logits| {deviation:.3g}")
+    deviation = report["max_abs_logit_change"]
+    measured = "not measured" if deviation is None else f"{deviation:.3g}"
+    print(f"saved {r.out}: {report['from']} -> {report['to']}, {r.width}/{r.depth}, max |Δ logits| {measured}")
     return {k: v for k, v in report.items() if k != "maps"}
+
+
+def _card_line(report: dict, r: GrowRecipe) -> str:
+    deviation = report["max_abs_logit_change"]
+    if deviation is None:
+        measured = f"max |Δ logits| against the source not measured ({report['probe']['skipped']})"
+    else:
+        shape = "x".join(map(str, report["probe"]["shape"]))
+        measured = f"max |Δ logits| against the source on a {shape} probe: {deviation:.3g}"
+    return (
+        f"\nGrown {report['from']} -> {report['to']} by `{r.width}` width and `{r.depth}` depth; "
+        f"{measured} (index maps in growth.json).\n"
+    )

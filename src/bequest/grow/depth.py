@@ -88,15 +88,19 @@ def restack(state: dict, plan: list[tuple[int, bool]], inverse_layer_scale: bool
     for j, (src, fresh) in enumerate(plan):
         for key, t in state.items():
             layer, role, kind = split_key(key)
-            if layer != src:
-                continue
-            t = t.clone()
-            if fresh and role in WRITERS:
-                t.zero_()
-            if inverse_layer_scale and role == "attn.q" and j != src:
-                t = t * ((j + 1) / (src + 1))
-            out[join_key(j, role, kind)] = t
+            if layer == src:
+                out[join_key(j, role, kind)] = moved(t, role, j, src, fresh, inverse_layer_scale)
     return out
+
+
+def moved(t, role: str, j: int, src: int, fresh: bool, inverse_layer_scale: bool):
+    """Block `src`'s `role` tensor as it lands at new index j (a copy; the caller's stays intact)."""
+    t = t.clone()
+    if fresh and role in WRITERS:
+        t.zero_()
+    if inverse_layer_scale and role == "attn.q" and j != src:
+        t = t * ((j + 1) / (src + 1))
+    return t
 
 
 def check(name: str) -> None:

@@ -158,10 +158,19 @@ def expand(key: str, t: torch.Tensor, spaces: dict[str, Space], gen, std: float,
     return t
 
 
+def expand_options(anat: Anatomy, keys) -> dict:
+    """What `expand` needs beyond one tensor: the init scale and two facts about the whole model
+    (`keys`: every role key of the state), so a streaming caller expands exactly as `apply` does."""
+    return {
+        "std": getattr(anat.config, "initializer_range", 0.02),
+        "pooled": is_pooled(keys),
+        "tied": anat.tied and anat.task in ("causal_lm", "masked_lm"),
+    }
+
+
 def apply(state: dict, spaces: dict[str, Space], anat: Anatomy, gen) -> dict:
-    std = getattr(anat.config, "initializer_range", 0.02)
-    pooled, tied = is_pooled(state), anat.tied and anat.task in ("causal_lm", "masked_lm")
-    return {key: expand(key, t, spaces, gen, std, pooled, tied) for key, t in state.items()}
+    options = expand_options(anat, state)
+    return {key: expand(key, t, spaces, gen, **options) for key, t in state.items()}
 
 
 # ---------------------------------------------------------------- index maps

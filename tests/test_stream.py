@@ -1,0 +1,201 @@
+"""Streaming growth (grow/stream.py) writes what the in-memory path writes, atomically."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+from bequest.errors import BequestError
+from bequest.grow import grow, stream
+from bequest.grow.command import GrowRecipe, grow_command
+from bequest.io import atomic_dir, load_model, save_model, weight_files
+from test_grow import ODD, shape, trained
+
+SHARD = "20KB"  # tiny models still come in several shards
+
+
+def save(path, model):
+    save_model(path, model, operation="pretrain", max_shard_size=SHARD)
+    return path
+
+
+def tensors(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in weight_files(Path(folder)):
+        with safe_open(file, framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def streamed(src, out, **kwargs):
+    plan = stream.plan(src, shard_size=stream.parse_size(SHARD), **kwargs)
+    with atomic_dir(out) as folder:
+        stream.write(plan, folder, progress=False)
+    return plan
+
+
+def assert_same(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name], b[name]), name
+
+
+Case = namedtuple("Case", "family task config grow")
+CASES = [
+    Case(fam, "", {}, {**shape(fam, ODD, layers=4 if depth == "solar" else 5), "width": width, "depth": depth})
+    for fam in ("gpt2", "llama", "bert")
+    for width, depth in [("exact", "identity"), ("fpi", "stack"), ("aki", "interleave"), ("exact", "solar")]
+] + [
+    Case("llama", "", {}, {"layers": 5}),  # unchanged width: pure copies and zeros
+    Case("llama", "", {}, {"layers": 5, "noise": 1e-3, "seed": 3}),  # ... except the noised new blocks
+    Case("llama", "", {}, {**shape("llama", ODD), "width": "fpi", "noise": 1e-3}),
+    Case("llama", "", {"tie_word_embeddings": True}, shape("llama", ODD)),
+    Case("qwen2", "seq_cls", {}, {**shape("qwen2", ODD), "depth": "stack"}),
+    Case("bert", "seq_cls", {}, {"hidden": 64, "width": "fpi", "layers": 3}),  # pooler and classifier
+    Case("roberta", "", {}, {"hidden": 48, "heads": 6, "width": "aki", "layers": 3}),
+    Case("gpt2", "", {"scale_attn_by_inverse_layer_idx": True}, {"layers": 5}),  # moved q is rescaled
+    Case("gpt2", "", {}, {"layers": 5, "placement": "top"}),
+]
+
+
+def _id(c: Case) -> str:
+    return "-".join([c.family, c.task or "lm", *c.config, *(f"{k}{v}" for k, v in c.grow.items())])
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_streaming_equals_in_memory_bit_for_bit(case, tmp_path):
+    model = trained(case.family, case.task, **case.config)
+    src = save(tmp_path / "src", model)
+    grown = grow(model, **case.grow)
+    save_model(tmp_path / "memory", grown.model, operation="grow", max_shard_size=SHARD)
+    plan = streamed(src, tmp_path / "stream", **case.grow)
+    assert_same(tensors(tmp_path / "memory"), tensors(tmp_path / "stream"))
+    assert plan.maps == grown.maps
+    memory_config = json.loads((tmp_path / "memory" / "config.json").read_text())
+    assert json.loads((tmp_path / "stream" / "config.json").read_text()) == memory_config
+
+
+def test_unchanged_width_only_copies_bytes(tmp_path, monkeypatch):
+    src = save(tmp_path / "src", trained("llama"))
+    monkeypatch.setattr(stream, "_widen", lambda *a: pytest.fail("arithmetic on a depth-only identity growth"))
+    plan = streamed(src, tmp_path / "out", layers=6)
+    hows = {o.name: o.how for shard in plan.shards for o in shard}
+    assert set(hows.values()) == {"copy", "zeros"}
+    assert hows["model.layers.1.mlp.down_proj.weight"] == "zeros"
+    assert len(plan.shards) > 1 and (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_copies_without_a_file_to_file_sendfile(tmp_path, monkeypatch):
+    model = trained("llama")
+    src = save(tmp_path / "src", model)
+
+    def sockets_only(*args):
+        raise OSError(errno.ENOTSOCK, "Socket operation on non-socket")
+
+    monkeypatch.setattr(stream.os, "sendfile", sockets_only)  # as on macOS
+    streamed(src, tmp_path / "stream", layers=5)
+    save_model(tmp_path / "memory", grow(model, layers=5).model, operation="grow")
+    assert_same(tensors(tmp_path / "memory"), tensors(tmp_path / "stream"))
+
+
+@pytest.mark.parametrize("grow_kwargs", [{"layers": 5}, shape("llama", ODD)])
+def test_bf16_stays_bf16_and_rounds_the_fp32_result_once(tmp_path, grow_kwargs):
+    src = save(tmp_path / "src", trained("llama").to(torch.bfloat16))
+    model, _ = load_model(src, with_tokenizer=False)  # the in-memory path upcasts to fp32
+    expected = {k: v.to(torch.bfloat16) for k, v in grow(model, **grow_kwargs).model.state_dict().items()}
+    streamed(src, tmp_path / "out", **grow_kwargs)
+    assert_same(expected, tensors(tmp_path / "out"))
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "out").dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_command_streams_shards_and_skips_the_probe_when_told(tmp_path, capsys):
+    src = save(tmp_path / "src", trained("llama"))
+    out = tmp_path / "big"
+    result = grow_command(GrowRecipe(src=str(src), out=str(out), layers=5, hidden=48, heads=6, kv_heads=3,
+                                     shard_size="30KB", probe=False))
+    assert result["max_abs_logit_change"] is None and "not measured" in capsys.readouterr().out
+    growth = json.loads((out / "growth.json").read_text())
+    assert growth["weights"]["shards"] > 1 and "--no-probe" in growth["probe"]["skipped"]
+    assert "not measured" in (out / "README.md").read_text()
+    sizes = [f.stat().st_size for f in weight_files(out)]
+    assert max(sizes) < 30_000 + 4096  # a shard's tensors fit the size; its header comes on top
+    transformers.AutoModelForCausalLM.from_pretrained(out)  # loads as any Hugging Face folder
+
+
+def test_probe_defaults_off_for_big_sources(tmp_path, monkeypatch):
+    src = save(tmp_path / "src", trained("gpt2"))
+    monkeypatch.setattr("bequest.grow.command.PROBE_LIMIT", 1000)
+    monkeypatch.setattr("bequest.grow.command.load_model", lambda *a, **k: pytest.fail("loaded a big model"))
+    result = grow_command(GrowRecipe(src=str(src), out=str(tmp_path / "a"), layers=3))
+    assert result["max_abs_logit_change"] is None and "pass --probe" in result["probe"]["skipped"]
+
+
+def test_full_disk_is_refused_up_front(tmp_path, monkeypatch):
+    src = save(tmp_path / "src", trained("llama"))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(stream.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 5000, 5000))
+    with pytest.raises(BequestError, match=r"0\.00 GB free but the grown model needs 0\.07 GB"):
+        grow_command(GrowRecipe(src=str(src), out=str(tmp_path / "out" / "big"), layers=5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing was created
+
+
+@pytest.mark.parametrize("text,size", [("2GB", 2 * 10**9), ("500 mb", 5 * 10**8), ("4GiB", 2**32), ("1234", 1234)])
+def test_shard_sizes(text, size):
+    assert stream.parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "big", "2XB", "0GB", "-1MB", "inf", "nan"])
+def test_bad_shard_sizes_are_refused(text):
+    with pytest.raises(BequestError, match="write it like 2GB"):
+        stream.parse_size(text)
+
+
+# ---------------------------------------------------------------- a killed run
+
+KILLER = """
+import os, signal, sys
+from bequest.grow import stream
+from bequest.grow.command import GrowRecipe, grow_command
+
+src, out, where = sys.argv[1:]
+die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+if where == "weights":  # in the middle of the shards
+    real, calls = stream._pwrite, []
+    def _pwrite(*a):
+        calls.append(1)
+        (die if len(calls) == 8 else real)(*a)
+    stream._pwrite = _pwrite
+else:  # after the weights, the index and the config, before the card
+    stream.copy_tokenizer = die
+grow_command(GrowRecipe(src=src, out=out, layers=5, hidden=48, heads=6, kv_heads=3, shard_size="20KB", probe=False))
+"""
+
+
+@pytest.mark.parametrize("where", ["weights", "card"])
+def test_a_killed_run_leaves_nothing_that_looks_complete(tmp_path, where):
+    src = save(tmp_path / "src", trained("llama"))
+    out = tmp_path / "big"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", KILLER, str(src), str(out), where], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert not out.exists()
+    [left] = [p for p in tmp_path.iterdir() if p.name != "src"]
+    assert left.name.startswith(".big.tmp-")  # hidden, and named for what it is
+    names = {p.name for p in left.iterdir()}
+    assert any(n.endswith(".safetensors") for n in names)
+    assert ("config.json" in names) == ("model.safetensors.index.json" in names) == (where == "card")
+    with pytest.raises(BequestError):
+        load_model(out)
