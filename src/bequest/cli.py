@@ -20,6 +20,8 @@ from bequest.errors import BequestError
 from bequest.recipe import resolve
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+study_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Grid studies of a method: hosts x types x seeds.")
+app.add_typer(study_app, name="study")
 
 
 def _fail(e: Exception) -> typing.NoReturn:
@@ -37,8 +39,10 @@ def _cli_type(annotation):
     return annotation if annotation in (int, float, str, bool) else str
 
 
-def verb(name: str, recipe_cls: type[BaseModel], run: Callable, arguments: tuple[str, ...] = ("out",)):
-    """Register `bequest NAME`: positional `arguments`, an option per other recipe field, --recipe."""
+def verb(name: str, recipe_cls: type[BaseModel], run: Callable, arguments: tuple[str, ...] = ("out",),
+         group: typer.Typer = app):
+    """Register `bequest NAME` (or `bequest GROUP NAME`): positional `arguments`, an option per other
+    recipe field, --recipe."""
     inherited = {f for base in recipe_cls.__mro__[1:] for f in getattr(base, "model_fields", {})}
     fields = sorted(recipe_cls.model_fields.items(), key=lambda kv: kv[0] in inherited)  # own settings first
     params = []
@@ -74,7 +78,7 @@ def verb(name: str, recipe_cls: type[BaseModel], run: Callable, arguments: tuple
 
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = run.__doc__
-    app.command(name)(command)
+    group.command(name)(command)
 
 
 @app.command()
@@ -89,13 +93,21 @@ def info(model: Path = typer.Argument(..., help="a model folder")):
 
 
 def _register() -> None:
-    from bequest import inherit, lifelong, pretrain
+    from bequest import analyze, finetune, inherit, lifelong, pretrain, recycle
     from bequest.grow import command as grow
+    from bequest.port import command as port
+    from bequest.port import study as port_study
 
     verb("pretrain", pretrain.PretrainRecipe, pretrain.pretrain)
     verb("grow", grow.GrowRecipe, grow.grow_command, arguments=("src", "out"))
     verb("inherit", inherit.InheritRecipe, inherit.inherit)
     verb("lifelong", lifelong.LifelongRecipe, lifelong.lifelong)
+    verb("finetune", finetune.FinetuneRecipe, finetune.finetune)
+    verb("continue-pretrain", recycle.ContinueRecipe, recycle.continue_pretrain)
+    verb("recycle", recycle.RecycleRecipe, recycle.recycle)
+    verb("analyze", analyze.AnalyzeRecipe, analyze.analyze, arguments=("kind", "out"))
+    verb("port", port.PortRecipe, port.port)
+    verb("port", port_study.StudyRecipe, port_study.study, arguments=(), group=study_app)
 
 
 _register()

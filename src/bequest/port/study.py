@@ -1,0 +1,321 @@
+"""`bequest study port`: the portability grid of Sabry & Belz (EACL 2024) on bequest hosts.
+
+PEFT type x host pair x init x seed. For each pair's source host and each type, one module is trained
+on the task first (once; kept under `sources/`). Each run then puts a module on the pair's target host
+- the source module ported (`ported`), a fresh one (`scratch`) or the ported tensors redrawn from
+their own statistics (`sampled`) - and fine-tunes it there for the same steps, evaluating accuracy on
+the way. A finished run leaves `runs/ID/row.json` and is skipped when the study runs again (an
+interrupted run starts over); `results.jsonl`, `results.csv`, `report.md` and `report.png` are rebuilt
+from every finished row at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import transformers
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from bequest import data
+from bequest.engine import TrainFields, labelled, train
+from bequest.errors import BequestError
+from bequest.anatomy import anatomy
+from bequest.io import atomic_dir, load_config
+from bequest.port.command import Init, port_module
+from bequest.port.modules import KINDS, attach, load_host, module_of, new_config, read_module, with_module, write_module
+
+Kind = Literal[KINDS]
+INITS = ("ported", "scratch", "sampled")
+
+
+class Pair(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., description="the pair's label in tables and plots")
+    source: str = Field(..., description="host folder the modules are trained on (A)")
+    target: str = Field(..., description="host folder they are ported to (B)")
+
+
+class StudyRecipe(TrainFields):
+    out: str = Field(..., description="study folder: sources/, runs/, results.jsonl/.csv, report.md/.png")
+    pairs: list[Pair] = Field(..., description="host pairs (YAML: a list of {name, source, target})")
+    types: list[Kind] = Field(list(KINDS), description="PEFT types, comma-separated on the command line")
+    inits: list[Init] = Field(list(INITS), description="ported (the module carried over), scratch, sampled")
+    seeds: list[int] = Field([0, 1, 2], description="seeds per condition (fresh units, baselines, data order)")
+    task: str = Field("domain", description="embedded classification task")
+    source_steps: int = Field(200, ge=1, description="steps training each source module on its source host")
+    max_len: int = Field(64, ge=8, description="tokens per example (texts are truncated)")
+    train_examples: int | None = Field(None, ge=1, description="training examples (default: all)")
+    eval_examples: int = Field(200, ge=1, description="validation examples in each evaluation")
+    lrs: dict[Kind, float] = Field({}, description="learning rate per PEFT type (YAML mapping; others use --lr)")
+    rank: int = Field(8, ge=1, description="LoRA rank")
+    virtual_tokens: int = Field(8, ge=1, description="prefix / prompt tuning virtual tokens")
+    bottleneck: int = Field(16, ge=1, description="bottleneck adapter width")
+    style: Literal["pfeiffer", "houlsby"] = Field("pfeiffer", description="bottleneck adapter placement")
+    save_every: int = Field(1_000_000, ge=1, description="unused: a run restarts rather than resumes")
+
+    @field_validator("types", "inits", "seeds", mode="before")
+    @classmethod
+    def _commas(cls, v):  # the command line gives lists as "lora,ia3"
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v):
+        if v not in data.TASKS:
+            raise ValueError(f"unknown task {v!r}; choose one of: {', '.join(data.TASKS)}")
+        return v
+
+
+class _NoSaves(transformers.TrainerCallback):
+    """Runs restart instead of resuming, so the Trainer's checkpoints are only time spent."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_save = False
+
+
+def _slug(path: str) -> str:
+    return f"{Path(path).name}-{hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:6]}"
+
+
+_DATA: dict[tuple, tuple] = {}  # tokenized task splits, shared by the runs of one process
+
+
+def _datasets(r: StudyRecipe, tokenizer):
+    if tokenizer is None:
+        raise BequestError("a study host needs its tokenizer (tokenizer.json) beside the weights")
+    key = (tokenizer.name_or_path, len(tokenizer), r.task, r.max_len, r.train_examples, r.eval_examples)
+    if key not in _DATA:
+        _DATA[key] = _tokenized(r, tokenizer)
+    return _DATA[key]
+
+
+def _tokenized(r: StudyRecipe, tokenizer):
+    train_set = data.load_task(r.task, "train")
+    evals = data.load_task(r.task, "validation")
+    if r.train_examples:
+        train_set = train_set.select(range(min(r.train_examples, len(train_set))))
+    evals = evals.select(range(min(r.eval_examples, len(evals))))
+    return labelled(train_set, tokenizer, r.max_len), labelled(evals, tokenizer, r.max_len)
+
+
+def _spec(r: StudyRecipe, kind: str, steps: int, seed: int) -> TrainFields:
+    fields = r.model_dump(include=set(TrainFields.model_fields))
+    return TrainFields(**{**fields, "steps": steps, "seed": seed, "lr": r.lrs.get(kind, r.lr)})
+
+
+def _check_positions(r: StudyRecipe, host: str, kind: str) -> None:
+    """Virtual tokens take positions too (prompt tuning's inputs, prefix tuning's cache)."""
+    a = anatomy(load_config(host))
+    room = a.positions - a.family.position_offset
+    extra = r.virtual_tokens if kind in ("prefix", "prompt") else 0
+    if a.positions and r.max_len + extra > room:
+        raise BequestError(f"--max-len {r.max_len} + {extra} virtual tokens exceeds {host}'s {room} positions; lower --max-len")
+
+
+def _fit(model, tokenizer, r: StudyRecipe, kind: str, steps: int, seed: int, work: Path) -> tuple[dict, list]:
+    """Fine-tune the model's module on the task; (final metrics, [(step, accuracy), ...])."""
+    train_set, eval_set = _datasets(r, tokenizer)
+    final = train(model, tokenizer, "seq_cls", train_set, eval_set, work, _spec(r, kind, steps, seed),
+                  callbacks=[_NoSaves()], resume=False, progress=False)
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    curve = {row["step"]: row["eval_accuracy"] for row in rows if "eval_accuracy" in row}
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    return final, sorted(curve.items())
+
+
+def source_module(r: StudyRecipe, host: str, kind: str) -> Path:
+    """The module of `kind` trained on `host` for the task (trained once, then reused)."""
+    folder = Path(r.out) / "sources" / _slug(host) / kind
+    if folder.exists():
+        return folder
+    _check_positions(r, host, kind)
+    labels = len(data.task_labels(r.task))
+    model, tokenizer = load_host(host, "seq_cls", labels, seed=r.seed)
+    torch.manual_seed(r.seed)
+    config = new_config(kind, model, rank=r.rank, virtual_tokens=r.virtual_tokens, bottleneck=r.bottleneck, style=r.style)
+    model = with_module(model, config)
+    work = folder.parent / f".{kind}.work"
+    shutil.rmtree(work, ignore_errors=True)
+    tick = time.perf_counter()
+    final, curve = _fit(model, tokenizer, r, kind, r.source_steps, r.seed, work)
+    module = module_of(model)
+    module.config["base_model_name_or_path"] = str(host)
+    with atomic_dir(folder) as tmp:
+        write_module(tmp, module)
+        (tmp / "source.json").write_text(json.dumps(
+            {"host": str(host), "accuracy": final["eval_accuracy"], "curve": curve, "seconds": time.perf_counter() - tick}, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"source {kind} on {host}: accuracy {final['eval_accuracy']:.3f}")
+    return folder
+
+
+def run(r: StudyRecipe, pair: Pair, kind: str, init: str, seed: int) -> dict:
+    """One cell of the grid; its row (read back when it already finished)."""
+    rid = f"{pair.name}-{kind}-{init}-s{seed}"
+    folder = Path(r.out) / "runs" / rid
+    if (folder / "row.json").exists():
+        return json.loads((folder / "row.json").read_text())
+    _check_positions(r, pair.target, kind)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    tick = time.perf_counter()
+    source = read_module(source_module(r, pair.source, kind))
+    module, report = port_module(source, pair.target, init=init, seed=seed)
+    write_module(folder / "module", module)
+    model, tokenizer = load_host(pair.target, "seq_cls", len(data.task_labels(r.task)), seed=seed)
+    model = attach(model, module, trainable=True)
+    final, curve = _fit(model, tokenizer, r, kind, r.steps, seed, folder)
+    accs = [a for _, a in curve]
+    row = {"id": rid, "pair": pair.name, "type": kind, "init": init, "seed": seed, "steps": r.steps,
+           "accuracy_start": accs[0], "accuracy_final": final["eval_accuracy"], "accuracy_best": max(accs),
+           "accuracy_mean": float(np.mean(accs)), "train_loss": final.get("train_loss"),
+           "seconds": time.perf_counter() - tick, "mode": report["mode"], "tensors": report["tensors"], "curve": curve}
+    tmp = folder / "row.json.tmp"
+    tmp.write_text(json.dumps(row, indent=1))
+    os.replace(tmp, folder / "row.json")  # the row appears whole or not at all: that marks the run done
+    print(f"{rid}: accuracy {row['accuracy_start']:.3f} -> {row['accuracy_final']:.3f} ({row['seconds']:.1f} s)")
+    return row
+
+
+# ---------------------------------------------------------------- tables and plots
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Mean and std over seeds per (pair, type, init), at the start, the end and over the whole curve."""
+    groups: dict[tuple, list] = {}
+    for row in rows:
+        groups.setdefault((row["pair"], row["type"], row["init"]), []).append(row)
+    out = []
+    for (pair, kind, init), rs in groups.items():
+        cell = {"pair": pair, "type": kind, "init": init, "seeds": len(rs)}
+        for key in ("accuracy_start", "accuracy_final", "accuracy_mean"):
+            values = [r[key] for r in rs]
+            cell[key] = float(np.mean(values))
+            cell[key + "_std"] = float(np.std(values))
+        out.append(cell)
+    return out
+
+
+def verdicts(cells: list[dict]) -> list[dict]:
+    """Per (pair, type): does ported beat scratch and sampled at every evaluated step, and at the end?"""
+    by = {(c["pair"], c["type"], c["init"]): c for c in cells}
+    out = []
+    for pair, kind in sorted({(c["pair"], c["type"]) for c in cells}):
+        ported = by.get((pair, kind, "ported"))
+        others = [by[(pair, kind, i)] for i in ("scratch", "sampled") if (pair, kind, i) in by]
+        if ported and others:
+            out.append({"pair": pair, "type": kind,
+                        "final": all(ported["accuracy_final"] > o["accuracy_final"] for o in others),
+                        "mean": all(ported["accuracy_mean"] > o["accuracy_mean"] for o in others)})
+    return out
+
+
+def _mean_curves(rows: list[dict]) -> dict[tuple, tuple[list, np.ndarray]]:
+    curves: dict[tuple, list] = {}
+    for row in rows:
+        curves.setdefault((row["pair"], row["type"], row["init"]), []).append(row["curve"])
+    out = {}
+    for key, cs in curves.items():
+        steps = [s for s, _ in cs[0]]
+        accs = np.array([[a for _, a in c] for c in cs if [s for s, _ in c] == steps])
+        out[key] = (steps, accs)
+    return out
+
+
+def plot(rows: list[dict]):
+    """Accuracy against fine-tuning steps: a panel per (pair, type), a line per init (mean, min-max band)."""
+    from matplotlib.figure import Figure
+
+    pairs = sorted({r["pair"] for r in rows})
+    kinds = [k for k in KINDS if any(r["type"] == k for r in rows)]
+    fig = Figure(figsize=(3.2 * len(kinds), 2.6 * len(pairs) + 0.4))
+    axes = np.array(fig.subplots(len(pairs), len(kinds), squeeze=False, sharey=True))
+    colours = {"ported": "tab:green", "scratch": "tab:blue", "sampled": "tab:red"}
+    curves = _mean_curves(rows)
+    for pair, kind, init in sorted(curves, key=lambda k: (k[0], k[1], INITS.index(k[2]))):
+        steps, accs = curves[(pair, kind, init)]
+        ax = axes[pairs.index(pair), kinds.index(kind)]
+        ax.plot(steps, accs.mean(0), label=init, color=colours.get(init))
+        ax.fill_between(steps, accs.min(0), accs.max(0), alpha=0.2, color=colours.get(init))
+        ax.set_title(f"{pair}: {kind}", fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("fine-tuning steps")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def table(cells: list[dict]) -> str:
+    lines = ["| pair | type | init | seeds | accuracy at step 0 | final accuracy | mean over the curve |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in sorted(cells, key=lambda c: (c["pair"], KINDS.index(c["type"]), INITS.index(c["init"]))):
+        lines.append(f"| {c['pair']} | {c['type']} | {c['init']} | {c['seeds']} | "
+                     + " | ".join(f"{100 * c[k]:.1f} ± {100 * c[k + '_std']:.1f}"
+                                  for k in ("accuracy_start", "accuracy_final", "accuracy_mean")) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, rows: list[dict]) -> dict:
+    cells = summary(rows)
+    wins = verdicts(cells)
+    with open(out / "results.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    flat = [{k: v for k, v in row.items() if k not in ("curve", "tensors")} for row in rows]
+    if flat:
+        with open(out / "results.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(flat[0]))
+            writer.writeheader()
+            writer.writerows(flat)
+    lines = ["# Portability study", "", f"{len(rows)} runs. Accuracy in %, mean ± std over seeds.", "", table(cells), "",
+             "| pair | type | ported beats scratch and sampled: final | over the curve |", "| --- | --- | --- | --- |"]
+    lines += [f"| {w['pair']} | {w['type']} | {'yes' if w['final'] else 'no'} | {'yes' if w['mean'] else 'no'} |" for w in wins]
+    (out / "report.md").write_text("\n".join(lines) + "\n\n![accuracy against steps](report.png)\n")
+    if rows:
+        plot(rows).savefig(out / "report.png", dpi=120, bbox_inches="tight")
+    return {"runs": len(rows), "summary": cells, "verdicts": wins}
+
+
+def _same_settings(r: StudyRecipe, out: Path) -> None:
+    """Finished runs are reused, so a study folder takes more cells of the grid, never other settings."""
+    settings = r.model_dump(exclude={"out", "pairs", "types", "inits", "seeds"})
+    pairs = {p.name: [p.source, p.target] for p in r.pairs}
+    saved = out / "study.json"
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        changed = sorted(k for k in settings if old["settings"].get(k) != settings[k])
+        moved = sorted(n for n in pairs if n in old["pairs"] and old["pairs"][n] != pairs[n])
+        if changed or moved:
+            what = f"settings ({', '.join(changed)})" if changed else f"hosts of pair {moved[0]!r}"
+            raise BequestError(f"{out} holds runs made with other {what}; use another --out or the same recipe")
+        pairs = {**old["pairs"], **pairs}
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps({"settings": settings, "pairs": pairs}, indent=1))
+
+
+def study(r: StudyRecipe) -> dict:
+    """Run the portability grid (resumable: finished runs are skipped) and write its table and report."""
+    out = Path(r.out)
+    names = [p.name for p in r.pairs]
+    if len(set(names)) != len(names):
+        raise BequestError("two pairs share a name; give each pair its own name")
+    _same_settings(r, out)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(r.model_dump(), sort_keys=False))
+    rows = [run(r, pair, kind, init, seed)
+            for pair in r.pairs for kind in r.types for init in r.inits for seed in r.seeds]
+    result = write_report(out, rows)
+    print(f"study {out}: {len(rows)} runs; report in {out / 'report.md'}")
+    return result

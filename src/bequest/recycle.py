@@ -1,0 +1,236 @@
+"""`bequest recycle`: recyclable tuning (Qin et al., Findings ACL 2023; METHODS.md section 3).
+
+The base M_i was upgraded to M_{i+1} by continual pre-training (`continue_pretrain`, `bequest
+continue-pretrain`), and task weights tuned on M_i exist. Instead of tuning M_{i+1} afresh:
+
+- init: start from the old task weights. A full fine-tune becomes theta_{i+1} + (theta_i^task - theta_i)
+  on every shared parameter, its task head (classifier, pooler) carried over as is; a PEFT module is
+  loaded onto the new base unchanged, after checking that every tensor fits.
+- distill: tune M_{i+1} with the old tuned model as teacher, through the engine's KD loss:
+  (1 - alpha) * CE + alpha * T^2 * KL + beta * MSE(last hidden states).
+- combined: the init start trained with the distillation loss.
+- fresh: plain tuning of M_{i+1}, the baseline every method is measured against.
+
+The output is what fine-tuning would give: a seq_cls model folder, or a PEFT adapter folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from bequest.anatomy import anatomy
+from bequest.engine import (
+    TrainFields, forward_flops_per_token, prepare_work, processes, train, train_flops_per_token,
+)
+from bequest.engine.kd import KD, KDTrainer, TeacherMeter
+from bequest.errors import BequestError
+from bequest.finetune import TaskFields, check_length, curve, load_tokenizer, save_tuned, tokenized
+from bequest.inherit import same_tokenizer
+from bequest.io import atomic_dir, check_output, load_config, load_model, write_model
+from bequest.port.modules import CONFIG, attach, expected, load_host, misfits, read_module, with_module
+
+Method = Literal["init", "distill", "combined", "fresh"]
+LM_TASKS = ("causal_lm", "masked_lm")
+
+
+# ---------------------------------------------------------------- M_i -> M_{i+1}
+
+
+class ContinueRecipe(TrainFields):
+    model: str = Field(..., description="trained LM folder to continue pre-training (M_i); its tokenizer is kept")
+    out: str = Field(..., description="output model folder (M_{i+1})")
+    seq_len: int = Field(128, ge=8, description="tokens per training block")
+    corpus: str = Field("default", description="'default' (embedded stdlib corpus) or a path to text/jsonl/csv/parquet")
+    domain: str | None = Field(None, description="one domain of the embedded corpus (default: all)")
+    eval_blocks: int = Field(64, ge=1, description="validation blocks evaluated each time")
+    overwrite: bool = Field(False, description="replace an existing output folder")
+
+
+def continue_pretrain(r: ContinueRecipe) -> dict:
+    """Continue pre-training a model on more text (another domain): the upgraded base, lineage recorded."""
+    from bequest.pretrain import corpus_splits, lm_splits
+
+    state = processes()
+    check_output(r.out, r.overwrite)
+    model, tokenizer = load_model(r.model)
+    a = anatomy(model)
+    if a.task not in LM_TASKS:
+        raise BequestError(f"{r.model} is a {a.task} model; continue pre-training needs a causal or masked LM")
+    if tokenizer is None:
+        raise BequestError(f"{r.model} has no tokenizer.json; the upgraded base keeps it, save it beside the model")
+    room = a.positions - a.family.position_offset
+    if r.seq_len > room:
+        raise BequestError(f"--seq-len {r.seq_len} exceeds {r.model}'s {room} positions; lower it")
+    # The old tokenizer is kept whatever the corpus: recycled task weights index the same vocabulary.
+    train_text, eval_text = corpus_splits(r.corpus, r.domain)
+    train_set, eval_set = lm_splits(train_text, eval_text, tokenizer, a.task, r)
+    recipe = r.model_dump(exclude={"overwrite"})
+    work = prepare_work(r.out, recipe, r.overwrite)
+    metrics = train(model, tokenizer, a.task, train_set, eval_set, work, r,
+                    flops_per_token=train_flops_per_token(a, r.seq_len))
+    if state.is_main_process:
+        with atomic_dir(r.out, r.overwrite, work=work) as folder:
+            shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+            write_model(folder, model, tokenizer, operation="continue-pretrain", parent=str(r.model), recipe=recipe)
+            (folder / "eval.json").write_text(json.dumps(metrics, indent=1))
+        print(f"saved {r.out}: eval loss {metrics['eval_loss']:.4f}")
+    state.wait_for_everyone()
+    return metrics
+
+
+# ---------------------------------------------------------------- initialisation
+
+
+def is_head(role: str) -> bool:
+    """Task-specific roles: never pre-trained, so a delta against the base's (random or absent) copy is noise."""
+    return role == "pooler" or role.startswith(("classifier", "score"))
+
+
+def _by_slot(model) -> dict[str, torch.Tensor]:
+    a = anatomy(model)
+    params = dict(model.named_parameters())
+    return {str(slot): params[name].detach() for name, slot in a.slots(params).items()}
+
+
+@torch.no_grad()
+def delta_init(old_base, new_base, tuned):
+    """A copy of `tuned` moved to the new base: theta_{i+1} + (theta_i^task - theta_i), head as tuned.
+
+    Matched by anatomy slot, so an LM base and a classifier (or BERT's prefixed names) line up.
+    """
+    old, new = _by_slot(old_base), _by_slot(new_base)
+    model = copy.deepcopy(tuned)
+    a = anatomy(model)
+    params = dict(model.named_parameters())
+    for name, slot in a.slots(params).items():
+        if is_head(slot.role):
+            continue
+        key, p = str(slot), params[name]
+        for base, which in ((old, "old"), (new, "new")):
+            if key not in base:
+                raise BequestError(f"the {which} base has no {key}; recycling needs bases of the tuned model's shape")
+            if base[key].shape != p.shape:
+                raise BequestError(
+                    f"{key} is {list(base[key].shape)} in the {which} base but {list(p.shape)} in the task weights; "
+                    "recycling needs bases of the tuned model's shape"
+                )
+        # tuned + (new - old), in this order: with new == old the delta is exactly 0 and so is the change.
+        p.copy_(p + (new[key] - old[key]))
+    return model
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / CONFIG).exists()
+
+
+def check_module_fits(module, host: str | Path, labels: int | None) -> None:
+    """Every tensor of the module has a place of its shape on `host`, before anything loads or is written."""
+    _, want = expected(module.config, load_config(host), module.task, labels)
+    problems = misfits(module.tensors, want)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise BequestError(f"the {module.kind} module does not fit {host}: {problems[0]}{more}; "
+                           "recycle onto a base of the old base's shape (or `bequest port` it first)")
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+class RecycleRecipe(TaskFields):
+    out: str = Field(..., description="output: a seq_cls model folder (full fine-tune) or an adapter folder (PEFT)")
+    old_base: str = Field(..., description="the base the task weights were tuned on (M_i)")
+    new_base: str = Field(..., description="the upgraded base (M_{i+1}) to carry them to")
+    task_weights: str = Field(..., description="old task weights: a fine-tuned seq_cls folder or a peft adapter folder")
+    method: Method = Field(
+        "combined", description="init (old weights as start), distill (old model teaches), combined, fresh (baseline)"
+    )
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the KL term towards the old tuned model")
+    beta: float = Field(0.0, ge=0.0, description="weight of the last-hidden-state MSE towards the old tuned model")
+    temperature: float = Field(2.0, gt=0.0, description="softmax temperature T of the KL term")
+    overwrite: bool = Field(False, description="replace an existing output folder")
+
+
+def kd_trainer(teacher, r: RecycleRecipe, meter: TeacherMeter | None = None):
+    """The engine's KDTrainer with a constant alpha (alpha = beta = 0: plain cross-entropy)."""
+    kd = KD(alpha=r.alpha, schedule="constant", tau=r.temperature, beta=r.beta)
+    return functools.partial(KDTrainer, teacher=teacher, kd=kd, meter=meter)
+
+
+def _full(r: RecycleRecipe, labels: int):
+    """(student, teacher) for full fine-tunes; the teacher is the old tuned model itself."""
+    tuned, _ = load_model(r.task_weights)
+    if anatomy(tuned).task != "seq_cls":
+        raise BequestError(f"{r.task_weights} is not a sequence classifier; give a fine-tuned model or adapter folder")
+    if tuned.config.num_labels != labels:
+        raise BequestError(f"{r.task_weights} predicts {tuned.config.num_labels} labels but --data has {labels}")
+    if r.method in ("init", "combined"):
+        old, _ = load_model(r.old_base, with_tokenizer=False)
+        new, _ = load_model(r.new_base, with_tokenizer=False)
+        student = delta_init(old, new, tuned)
+    else:
+        student, _ = load_host(r.new_base, "seq_cls", labels, seed=r.seed, tokenizer=False)
+    return student.train(), tuned if r.method in ("distill", "combined") else None
+
+
+def _peft(r: RecycleRecipe, labels: int):
+    """(student, teacher) for PEFT modules; the teacher is the old base carrying the old module."""
+    module = read_module(r.task_weights)
+    saved = module.num_labels(anatomy(load_config(r.new_base), module.task).family)
+    if module.task == "seq_cls" and saved not in (None, labels):
+        raise BequestError(f"{r.task_weights} predicts {saved} labels but --data has {labels}")
+    check_module_fits(module, r.new_base, labels)
+    host, _ = load_host(r.new_base, module.task, labels, seed=r.seed, tokenizer=False)
+    if r.method in ("init", "combined"):
+        student = attach(host, module, trainable=True)
+    else:
+        torch.manual_seed(r.seed)
+        student = with_module(host, module.config, trainable=True)
+    teacher = None
+    if r.method in ("distill", "combined"):
+        check_module_fits(module, r.old_base, labels)
+        old, _ = load_host(r.old_base, module.task, labels, seed=r.seed, tokenizer=False)
+        teacher = attach(old, module, trainable=False)
+    return student, teacher
+
+
+def recycle(r: RecycleRecipe, *, progress: bool = True) -> dict:
+    """Carry task weights tuned on an old base to its upgrade: init, distill, combined (or fresh)."""
+    state = processes()
+    check_output(r.out, r.overwrite)
+    tokenizer = load_tokenizer(r.new_base)
+    if (Path(r.old_base) / "tokenizer.json").exists() and not same_tokenizer(tokenizer, load_tokenizer(r.old_base)):
+        raise BequestError("the old and new bases have different vocabularies; recycling needs the same tokenizer")
+    peft = is_adapter(r.task_weights)
+    config = read_module(r.task_weights).config if peft else {}
+    if peft and config.get("task_type") != "SEQ_CLS":
+        raise BequestError(f"{r.task_weights} is a {config.get('task_type')} module; recycle tunes sequence classifiers")
+    check_length(r.new_base, r.max_len, config.get("num_virtual_tokens") or 0)
+    train_set, eval_set, labels = tokenized(r, tokenizer)
+    # Everything is loaded and checked before the work folder exists: a misfit leaves nothing behind.
+    student, teacher = (_peft if peft else _full)(r, labels)
+    recipe = r.model_dump(exclude={"overwrite"})
+    work = prepare_work(r.out, recipe, r.overwrite)
+    shape = anatomy(load_config(r.new_base), "seq_cls")
+    flops = train_flops_per_token(shape, r.max_len)
+    # The teacher's forward passes are part of distillation's price: counted, as knowledge inheritance does.
+    meter = TeacherMeter(teacher_flops_per_token=forward_flops_per_token(shape, r.max_len), flops_per_token=flops)
+    trainer = {} if teacher is None else {"trainer_class": kd_trainer(teacher, r, meter)}
+    metrics = train(student, tokenizer, "seq_cls", train_set, eval_set, work, r, flops_per_token=flops,
+                    progress=progress, **trainer)
+    metrics.update(meter.fields(metrics["tokens"]), curve=curve(work))
+    if state.is_main_process:
+        with atomic_dir(r.out, r.overwrite, work=work) as folder:
+            save_tuned(folder, student, tokenizer, parent=r.new_base, operation=f"recycle-{r.method}", recipe=recipe)
+            (folder / "eval.json").write_text(json.dumps(metrics, indent=1))
+        start = metrics["curve"][0][1] if metrics["curve"] else float("nan")
+        print(f"saved {r.out}: {r.method}, eval accuracy {start:.3f} at step 0 -> {metrics['eval_accuracy']:.3f}")
+    state.wait_for_everyone()
+    return metrics
