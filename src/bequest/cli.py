@@ -93,7 +93,7 @@ def info(model: Path = typer.Argument(..., help="a model folder")):
 
 
 def _register() -> None:
-    from bequest import analyze, finetune, inherit, lifelong, pretrain, recycle
+    from bequest import analyze, finetune, inherit, learn, lifelong, pretrain, recycle
     from bequest.grow import command as grow
     from bequest.port import command as port
     from bequest.port import study as port_study
@@ -102,6 +102,7 @@ def _register() -> None:
     verb("grow", grow.GrowRecipe, grow.grow_command, arguments=("src", "out"))
     verb("inherit", inherit.InheritRecipe, inherit.inherit)
     verb("lifelong", lifelong.LifelongRecipe, lifelong.lifelong)
+    verb("learn", learn.LearnRecipe, learn.learn)
     verb("finetune", finetune.FinetuneRecipe, finetune.finetune)
     verb("continue-pretrain", recycle.ContinueRecipe, recycle.continue_pretrain)
     verb("recycle", recycle.RecycleRecipe, recycle.recycle)

@@ -84,7 +84,7 @@ class MIGU(transformers.TrainerCallback):
         self.flat = torch.zeros(sum(sizes), device=device)
         self.stats = dict(zip(self.layers, self.flat.split(sizes)))
         self.masks: dict[str, torch.Tensor] = {}  # the rows kept at the last step, for inspection
-        self._tokens: torch.Tensor | None = None
+        self._tokens: tuple | None = None  # (shape, [1, tokens] float mask) of the current forward
         self._handles: list = []
         self._applied = False
 
@@ -104,7 +104,9 @@ class MIGU(transformers.TrainerCallback):
         self._handles.clear()
 
     def _capture(self, module, args, kwargs):
-        self._tokens = kwargs.get("attention_mask")
+        mask = kwargs.get("attention_mask")
+        # Once per forward, not per layer: the mask as a [1, tokens] row to multiply outputs with.
+        self._tokens = None if mask is None else (mask.shape, mask.reshape(1, -1).float())
 
     def _measurer(self, stat: torch.Tensor):
         def measure(module, args, output):
@@ -112,10 +114,9 @@ class MIGU(transformers.TrainerCallback):
                 return
             out = output.detach().abs().float()  # fp32 sums, whatever the training precision
             rows = out.reshape(-1, out.shape[-1])
-            tokens = self._tokens
-            if tokens is not None and out.dim() >= 3 and out.shape[:2] == tokens.shape:
+            if self._tokens is not None and out.shape[:2] == self._tokens[0] and out.dim() >= 3:
                 # A [1, tokens] x [tokens, features] product sums the real tokens in one call.
-                stat.add_((tokens.reshape(1, -1).to(out.dtype) @ rows)[0])
+                stat.add_((self._tokens[1] @ rows)[0])
             else:  # no token axis (BERT's pooler) or no mask given: every row is real
                 stat.add_(rows.sum(0))
 

@@ -1,0 +1,393 @@
+"""MIGU and `bequest learn`: the mask by hand, T = 0 is plain training, masked rows stay put, two processes
+share one statistic, and the continual-learning metrics of a hand-computed matrix."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers
+from datasets import Dataset
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+from typer.testing import CliRunner
+
+from bequest import data
+from bequest.anatomy import FAMILIES, build_model, make_config
+from bequest.cli import app, verb
+from bequest.engine import TrainFields, labelled, train
+from bequest.engine.migu import MIGU, MIGUTrainer, keep_top
+from bequest.io import load_model, save_model
+from bequest.learn import LearnRecipe, Memory, continual_metrics, learn
+
+if "learn" not in {c.name for c in app.registered_commands}:  # until cli.py registers the verb itself
+    verb("learn", LearnRecipe, learn)
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+# ---------------------------------------------------------------- the mask, by hand
+
+
+@pytest.mark.parametrize("threshold,kept", [(0.0, 10), (0.3, 7), (0.5, 5), (0.7, 3), (0.9, 1)])
+def test_keep_top_keeps_exactly_the_largest_rows(threshold, kept):
+    stat = torch.tensor([5.0, 1.0, 9.0, 3.0, 7.0, 2.0, 8.0, 0.0, 6.0, 4.0])
+    mask = keep_top(stat, threshold)
+    assert int(mask.sum()) == kept
+    assert set(stat[mask].tolist()) == set(range(10 - kept, 10))
+
+
+class Toy(nn.Module):
+    """A Linear, then GPT-2's Conv1D (weight [in, out]), then a LayerNorm that must stay unmasked."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 10)
+        self.c = Conv1D(6, 10)
+        self.norm = nn.LayerNorm(6)
+        with torch.no_grad():
+            # Real tokens are [1, 0, 0]: a's feature i gives i + 1. The padding token is [0, 1, 0]: it would
+            # give 100 * (10 - i), ranking a's rows the other way round if it were counted.
+            self.a.weight.copy_(torch.tensor([[i + 1.0, 100.0 * (10 - i), 0.0] for i in range(10)]))
+            self.a.bias.zero_()
+            self.c.weight.zero_()
+            self.c.weight[0] = torch.tensor([3.0, -6.0, 1.0, -2.0, 5.0, 4.0])  # |c_j| = |w_0j| * a_0
+            self.c.bias.zero_()
+
+    def forward(self, x, attention_mask=None):
+        return self.norm(self.c(self.a(x)))
+
+
+REAL, PAD = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]
+X, MASK = torch.tensor([[REAL, REAL, PAD]]), torch.tensor([[1, 1, 0]])
+
+
+def test_hand_built_mask_rows_columns_and_padding():
+    toy = Toy().train()
+    migu = MIGU(toy, threshold=0.7)
+    assert {n: axis for n, (_, axis) in migu.layers.items()} == {"a": 0, "c": 1}  # Conv1D: features are columns
+    migu.attach()
+    migu.reset()
+    out = toy(X, attention_mask=MASK)
+    (out * torch.randn_like(out)).sum().backward()
+    before = {n: p.grad.clone() for n, p in toy.named_parameters()}
+    assert torch.equal(migu.stats["a"], torch.tensor([2.0 * (i + 1) for i in range(10)]))  # padding left out
+    migu.apply()
+    # a: 10 rows, T = 0.7 masks floor(7) -> rows 7, 8, 9 (the largest) keep their gradient.
+    assert migu.masks["a"].nonzero().flatten().tolist() == [7, 8, 9]
+    assert torch.equal(toy.a.weight.grad[7:], before["a.weight"][7:]) and not toy.a.weight.grad[:7].any()
+    assert before["a.weight"][:7].any()
+    # c: 6 columns, floor(4.2) = 4 masked; |w_0j| * 2 tokens = 6, 12, 2, 4, 10, 8 -> columns 1 and 4 kept.
+    assert migu.masks["c"].nonzero().flatten().tolist() == [1, 4]
+    kept = torch.tensor([False, True, False, False, True, False])
+    assert torch.equal(toy.c.weight.grad[:, kept], before["c.weight"][:, kept]) and not toy.c.weight.grad[:, ~kept].any()
+    for name in ("a.bias", "c.bias", "norm.weight", "norm.bias"):  # biases and norms are never masked
+        assert torch.equal(dict(toy.named_parameters())[name].grad, before[name])
+    migu.apply()  # a second call in the same step changes nothing (MIGUTrainer calls it before clipping)
+    assert torch.equal(toy.a.weight.grad[7:], before["a.weight"][7:])
+    # Without the attention mask the padding token counts and turns a's ranking around.
+    migu.reset()
+    toy(X)
+    assert keep_top(migu.stats["a"], 0.7).nonzero().flatten().tolist() == [0, 1, 2]
+    migu.detach()
+
+
+def test_statistic_sums_micro_batches_and_skips_evaluation():
+    toy = Toy().train()
+    migu = MIGU(toy, threshold=0.5)
+    migu.attach()
+    b1, b2 = torch.randn(2, 4, 3), torch.randn(3, 2, 3)
+    m1, m2 = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]]), torch.ones(3, 2, dtype=torch.long)
+    single = []
+    for b, m in ((b1, m1), (b2, m2)):
+        migu.reset()
+        toy(b, attention_mask=m)
+        single.append(migu.flat.clone())
+    migu.reset()
+    toy(b1, attention_mask=m1)
+    toy(b2, attention_mask=m2)  # gradient accumulation: two micro-batches, one optimizer step
+    torch.testing.assert_close(migu.flat, single[0] + single[1])
+    toy.eval()
+    toy(b1, attention_mask=m1)
+    torch.testing.assert_close(migu.flat, single[0] + single[1])
+    migu.detach()
+    assert MIGU(toy, skip=("c",)).layers.keys() == {"a"}
+
+
+# ---------------------------------------------------------------- through the engine
+
+
+def _classifier(family: str, seed: int = 0):
+    tokenizer = data.train_tokenizer(data.tokenizer_kind(family), 500)
+    config = make_config(family, layers=1, hidden=32, heads=2, vocab=len(tokenizer), positions=64,
+                         num_labels=len(data.task_labels("kind")), pad_token_id=tokenizer.pad_token_id,
+                         **({"kv_heads": 2} if family == "llama" else {}))
+    transformers.set_seed(seed)
+    return build_model(config, "seq_cls"), tokenizer
+
+
+def _kind_sets(tokenizer, n: int = 32):
+    return (labelled(data.load_task("kind", "train").select(range(n)), tokenizer, 48),
+            labelled(data.load_task("kind", "validation").select(range(8)), tokenizer, 48))
+
+
+def test_threshold_zero_is_plain_training_bit_for_bit(tmp_path):
+    spec = TrainFields(steps=4, batch_size=4, grad_accum=2, lr=3e-3, warmup=0, eval_every=100, save_every=100)
+    states, masks = [], None
+    for name, threshold in (("plain", None), ("t0", 0.0), ("t07", 0.7)):
+        model, tokenizer = _classifier("gpt2")
+        callbacks = [] if threshold is None else [MIGU(model, threshold)]
+        kind = transformers.Trainer if threshold is None else MIGUTrainer
+        train(model, tokenizer, "seq_cls", *_kind_sets(tokenizer), tmp_path / name, spec, callbacks=callbacks,
+              trainer_class=kind, resume=False, progress=False)
+        states.append(model.state_dict())
+        if threshold == 0.0:
+            masks = callbacks[0].masks
+    assert masks and all(bool(m.all()) for m in masks.values())  # the machinery ran and kept every row
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
+
+
+def test_gradient_accumulation_masks_once_per_optimizer_step(tmp_path):
+    class Counting(MIGU):
+        passes, per_step = 0, []
+
+        def _capture(self, module, args, kwargs):
+            self.passes += module.training  # the engine's evaluations run too, in eval mode
+            return super()._capture(module, args, kwargs)
+
+        def apply(self, step=0):
+            if not self._applied:
+                self.per_step = [*self.per_step, self.passes]
+                self.passes = 0
+            return super().apply(step)
+
+    model, tokenizer = _classifier("gpt2")
+    migu = Counting(model, 0.7)
+    spec = TrainFields(steps=3, batch_size=4, grad_accum=2, lr=3e-3, warmup=0, eval_every=100, save_every=100)
+    train(model, tokenizer, "seq_cls", *_kind_sets(tokenizer), tmp_path, spec, callbacks=[migu],
+          trainer_class=MIGUTrainer, resume=False, progress=False)
+    assert migu.per_step == [2, 2, 2]  # two micro-batches measured, one mask, per optimizer step
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "intermediate.dense"],
+                                            modules_to_save=["classifier"]))
+
+
+@pytest.mark.parametrize("family,lora", [("gpt2", False), ("bert", True)])
+def test_masked_rows_receive_no_update(tmp_path, family, lora):
+    model, tokenizer = _classifier(family)
+    if lora:
+        model = _lora(model)
+        # LoRA's B starts at zero, so A would get no gradient at the first step; start from a trained-looking B.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+    migu = MIGU(model, 0.7, skip=("classifier", "score"))
+    if lora:
+        assert migu.layers and all("lora_A" in n or "lora_B" in n for n in migu.layers)
+    before = {n: m.weight.detach().clone() for n, (m, _) in migu.layers.items()}
+    # One step from a fresh AdamW without weight decay: a zero gradient row moves by exactly nothing.
+    spec = TrainFields(steps=1, batch_size=8, lr=1e-2, warmup=0, weight_decay=0.0, eval_every=100, save_every=100)
+    train(model, tokenizer, "seq_cls", *_kind_sets(tokenizer), tmp_path, spec, callbacks=[migu],
+          trainer_class=MIGUTrainer, resume=False, progress=False)
+    for name, (module, axis) in migu.layers.items():
+        keep = migu.masks[name]
+        moved = (module.weight.detach() != before[name]).any(dim=1 - axis)  # per output feature
+        assert not moved[~keep].any(), name
+        assert moved[keep].any(), name
+        assert int(keep.sum()) == keep.numel() - int(0.7 * keep.numel() + 1e-9)
+
+
+SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import torch, transformers
+    from bequest import data
+    from bequest.anatomy import build_model, make_config
+    from bequest.engine import TrainFields, labelled, train
+    from bequest.engine.migu import MIGU, MIGUTrainer
+    from bequest.learn import LearnRecipe, learn
+
+    class Recording(MIGU):
+        def _all_reduce(self, flat):
+            if not hasattr(self, "local"):
+                self.local = flat.clone()
+                super()._all_reduce(flat)
+                self.reduced = flat.clone()
+                return flat
+            return super()._all_reduce(flat)
+
+    out, tiny = sys.argv[1], sys.argv[2]
+    rank = int(os.environ["RANK"])
+    tok = data.train_tokenizer("bpe", 500)
+    config = make_config("gpt2", layers=1, hidden=32, heads=2, vocab=len(tok), positions=64, num_labels=4,
+                         pad_token_id=tok.pad_token_id)
+    transformers.set_seed(0)
+    model = build_model(config, "seq_cls")
+    sets = [labelled(data.load_task("kind", s).select(range(n)), tok, 48) for s, n in (("train", 32), ("validation", 8))]
+    migu = Recording(model, 0.7)
+    spec = TrainFields(steps=2, batch_size=4, lr=3e-3, warmup=0, eval_every=100, save_every=100)
+    train(model, tok, "seq_cls", *sets, os.path.join(out, "engine"), spec, callbacks=[migu], trainer_class=MIGUTrainer,
+          resume=False, progress=False)
+    digest = float(sum(p.double().sum() for p in model.parameters()))
+    record = {"local": migu.local.tolist(), "reduced": migu.reduced.tolist(), "digest": digest,
+              "masks": {n: m.tolist() for n, m in migu.masks.items()}}
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+    learn(LearnRecipe(model=tiny, out=os.path.join(out, "stream"), tasks="kind,visibility", method="migu",
+                      steps_per_task=2, batch_size=4, max_len=32, eval_examples=8, warmup=0), progress=False)
+""")
+
+
+def test_two_processes_share_one_statistic(tmp_path, tiny_models):
+    data.train_tokenizer("bpe", 500)  # into the cache first, so the two processes do not both train it
+    script = tmp_path / "ddp.py"
+    script.write_text(SCRIPT)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           str(script), str(tmp_path), str(tiny_models["gpt2"])]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=280)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    local = [torch.tensor(x["local"]) for x in ranks]
+    assert not torch.allclose(local[0], local[1])  # each process saw its own half of the batch
+    for x in ranks:  # both hold the sum over processes, so both mask the same rows
+        torch.testing.assert_close(torch.tensor(x["reduced"]), local[0] + local[1])
+    assert ranks[0]["masks"] == ranks[1]["masks"] and ranks[0]["digest"] == ranks[1]["digest"]
+    stream = json.loads((tmp_path / "stream" / "metrics.json").read_text())
+    assert stream["tasks"] == ["kind", "visibility"] and stream["bwt"] is not None
+
+
+# ---------------------------------------------------------------- metrics and replay
+
+
+def test_metrics_of_a_hand_computed_matrix():
+    r = [[0.90, 0.10, 0.20],
+         [0.95, 0.80, 0.30],
+         [0.50, 0.70, 0.90]]
+    m = continual_metrics(r)
+    assert m["average_accuracy"] == pytest.approx((0.50 + 0.70 + 0.90) / 3)
+    assert m["bwt"] == pytest.approx(((0.50 - 0.90) + (0.70 - 0.80)) / 2)
+    assert m["forgetting"] == pytest.approx(((0.95 - 0.50) + (0.80 - 0.70)) / 2)  # the best earlier row, not R[j][j]
+    assert continual_metrics([[0.4]]) == {"average_accuracy": 0.4, "bwt": None, "forgetting": None}
+
+
+def test_replay_memory_is_bounded_shared_and_mixed_at_its_fraction():
+    memory = Memory(50, seed=0)
+    first, second = Dataset.from_dict({"x": list(range(100))}), Dataset.from_dict({"x": list(range(100, 200))})
+    memory.add(first)
+    assert len(memory.kept[0]) == 50
+    memory.add(second)
+    assert [len(d) for d in memory.kept] == [25, 25]
+    assert set(memory.kept[0]["x"]) <= set(range(100)) and set(memory.kept[1]["x"]) <= set(range(100, 200))
+    current = Dataset.from_dict({"x": list(range(1000, 1180))})
+    mixed = memory.mix(current, 0.1, seed=1)
+    assert len(mixed) == 200 and sum(x < 1000 for x in mixed["x"]) == 20  # 10% replayed
+    assert memory.mix(current, 0.1, seed=1)["x"] == mixed["x"]  # deterministic
+
+
+# ---------------------------------------------------------------- the verb
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Untrained 1-layer models with their tokenizers, saved like any model folder."""
+    root = tmp_path_factory.mktemp("learn-models")
+    out = {}
+    for family in ("gpt2", "bert", "llama"):
+        tok = data.train_tokenizer(FAMILIES[family].tokenizer, 500)
+        task = "masked_lm" if "masked_lm" in FAMILIES[family].tasks else "causal_lm"
+        ids = {f"{k}_id": getattr(tok, f"{k}_id") for k in ("pad_token", "bos_token", "eos_token")}
+        config = make_config(family, layers=1, hidden=32, heads=2, vocab=len(tok), positions=64,
+                             **({"kv_heads": 2} if family == "llama" else {}),
+                             **{k: v for k, v in ids.items() if v is not None})
+        transformers.set_seed(0)
+        out[family] = save_model(root / family, build_model(config, task), tok, operation="test")
+    return out
+
+
+FAST = ["--tasks", "kind,visibility", "--steps-per-task", "3", "--batch-size", "4", "--max-len", "32",
+        "--eval-examples", "16", "--train-examples", "64", "--warmup", "0", "--eval-every", "3"]
+
+
+def test_learn_writes_matrix_metrics_heatmap_and_model(tmp_path, tiny_models):
+    out = tmp_path / "run"
+    r = invoke("learn", "--model", tiny_models["gpt2"], "--method", "migu+replay", *FAST, out)
+    assert r.exit_code == 0, r.output
+    matrix = json.loads((out / "matrix.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert matrix["tasks"] == ["kind", "visibility"] and len(matrix["accuracy"]) == 2
+    assert all(len(row) == 2 for row in matrix["accuracy"])
+    assert {k: metrics[k] for k in ("average_accuracy", "bwt", "forgetting")} == continual_metrics(matrix["accuracy"])
+    assert (out / "heatmap.png").stat().st_size > 1000 and (out / "recipe.yaml").exists()
+    assert sorted(p.name for p in (out / "tasks").iterdir()) == ["1-kind", "2-visibility"]
+    assert not list(out.glob("tasks/*/checkpoints")) and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    # The last row is the saved model's real accuracy: score it again, by hand, inside each task's labels.
+    model, tok = load_model(out)
+    model.eval()
+    offset = 0
+    for j, name in enumerate(matrix["tasks"]):
+        n = len(matrix["labels"][name])
+        ds = labelled(data.load_task(name, "validation").select(range(16)), tok, 32)
+        batch = transformers.DataCollatorWithPadding(tok)([{k: ex[k] for k in ("input_ids", "attention_mask")} for ex in ds])
+        with torch.no_grad():
+            pred = model(**batch).logits[:, offset : offset + n].argmax(-1)
+        assert matrix["accuracy"][-1][j] == pytest.approx((pred == torch.tensor(ds["label"])).float().mean().item())
+        offset += n
+    assert model.config.id2label[offset - 1] == f"visibility:{matrix['labels']['visibility'][-1]}"
+
+
+@pytest.mark.parametrize("family,extra", [
+    ("bert", ["--lora", "--method", "random-mask"]),
+    ("llama", ["--classify", "generate", "--method", "migu", "--lora"]),
+    ("gpt2", ["--classify", "generate", "--method", "replay"]),
+])
+def test_learn_families_lora_and_generation(tmp_path, tiny_models, family, extra):
+    out = tmp_path / "run"
+    r = invoke("learn", "--model", tiny_models[family], *extra, *FAST, out)
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["average_accuracy"] <= 1.0 and metrics["forgetting"] is not None
+    if "--lora" in extra:
+        assert (out / "adapter" / "adapter_config.json").exists()
+    load_model(out)  # the merged model is a plain, loadable folder
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--tasks", "kind,colour"], "unknown task 'colour'"),
+    (["--tasks", "kind,kind"], "each task once"),
+    (["--steps", "3", "--steps-per-task", "4"], "disagree"),
+    (["--threshold", "1.0"], "threshold"),
+])
+def test_bad_learn_settings_exit_2(tmp_path, tiny_models, args, expected):
+    r = invoke("learn", "--model", tiny_models["gpt2"], *args, tmp_path / "out")
+    assert r.exit_code == 2 and expected in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_generate_needs_a_causal_model(tmp_path, tiny_models):
+    r = invoke("learn", "--model", tiny_models["bert"], "--classify", "generate", tmp_path / "out")
+    assert r.exit_code == 2 and "use --classify head" in r.output, r.output
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_union_head_keeps_the_body(tiny_models, family):
+    from bequest.learn import _union_head
+
+    source, _ = load_model(tiny_models[family])  # a causal or masked LM, as pre-trained
+    model = _union_head(source, ["a:x", "a:y", "b:x"], seed=0)
+    assert model.config.num_labels == 3 and model.config.id2label[2] == "b:x"
+    mine = dict(model.named_parameters())
+    shared = [n for n, _ in source.named_parameters() if n in mine]
+    assert len(shared) >= 10 and all(torch.equal(mine[n], dict(source.named_parameters())[n]) for n in shared)
