@@ -27,10 +27,9 @@ from bequest.engine import (
 from bequest.engine.kd import KD, SCHEDULES, KDTrainer, TeacherMeter, TopKTable, precompute_topk
 from bequest.errors import BequestError
 from bequest.io import atomic_dir, check_output, load_model, write_model
-from bequest.pretrain import Family, corpus_splits, lm_splits
+from bequest.pretrain import Family, corpus_splits, lm_splits, load_lm
 
 Init = Literal["scratch", "grow"]
-LM_TASKS = ("causal_lm", "masked_lm")
 REPORTED = ("eval_loss", "tokens", "flops", "teacher_flops", "flops_with_teacher", "t_ki")
 
 
@@ -241,15 +240,7 @@ def inherit(r: InheritRecipe) -> dict:
     state = processes()
     check_output(r.out, r.overwrite)
     _check_choices(r)
-    teacher, tokenizer = load_model(r.teacher)
-    t = anatomy(teacher)
-    if t.task not in LM_TASKS:
-        raise BequestError(f"{r.teacher} is a {t.task} model; KI pre-trains LMs, give a causal or masked LM teacher")
-    if tokenizer is None:
-        raise BequestError(f"{r.teacher} has no tokenizer.json; the student reuses it, save it beside the model")
-    positions = t.positions - t.family.position_offset
-    if r.seq_len > positions:
-        raise BequestError(f"--seq-len {r.seq_len} exceeds the teacher's {positions} positions; lower it")
+    teacher, tokenizer, t = load_lm(r.teacher, r.seq_len, "knowledge inheritance")
     student = _load_student(r, t, tokenizer) if r.student else None
     plan = _plan(r, t, tokenizer)
     if r.precompute and t.task != "causal_lm":

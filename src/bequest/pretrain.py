@@ -13,7 +13,7 @@ from bequest import data
 from bequest.anatomy import FAMILIES, anatomy, build_model, make_config
 from bequest.engine import TrainFields, fixed_masks, lm_blocks, prepare_work, processes, train, train_flops_per_token
 from bequest.errors import BequestError
-from bequest.io import atomic_dir, check_output, write_model
+from bequest.io import atomic_dir, check_output, load_model, write_model
 
 Family = Literal["gpt2", "bert", "roberta", "llama", "mistral", "qwen2"]
 
@@ -52,6 +52,20 @@ def lm_splits(train_text, eval_text, tokenizer, task: str, r) -> tuple:
     if len(train_set) == 0 or len(eval_set) == 0:
         raise BequestError(f"corpus {r.corpus!r} is shorter than one {r.seq_len}-token block; add text or lower --seq-len")
     return train_set, eval_set
+
+
+def load_lm(path, seq_len: int, purpose: str):
+    """(model, tokenizer, anatomy) of a saved language model that can take `seq_len`-token blocks."""
+    model, tokenizer = load_model(path)
+    a = anatomy(model)
+    if a.task not in ("causal_lm", "masked_lm"):
+        raise BequestError(f"{path} is a {a.task} model; {purpose} needs a causal or masked LM")
+    if tokenizer is None:
+        raise BequestError(f"{path} has no tokenizer.json; {purpose} reuses it, save it beside the model")
+    room = a.positions - a.family.position_offset
+    if seq_len > room:
+        raise BequestError(f"--seq-len {seq_len} exceeds {path}'s {room} positions; lower it")
+    return model, tokenizer, a
 
 
 def pretrain(r: PretrainRecipe) -> dict:

@@ -38,7 +38,6 @@ from bequest.io import atomic_dir, check_output, load_config, load_model, write_
 from bequest.port.modules import CONFIG, attach, expected, load_host, misfits, read_module, with_module
 
 Method = Literal["init", "distill", "combined", "fresh"]
-LM_TASKS = ("causal_lm", "masked_lm")
 
 
 # ---------------------------------------------------------------- M_i -> M_{i+1}
@@ -56,19 +55,11 @@ class ContinueRecipe(TrainFields):
 
 def continue_pretrain(r: ContinueRecipe) -> dict:
     """Continue pre-training a model on more text (another domain): the upgraded base, lineage recorded."""
-    from bequest.pretrain import corpus_splits, lm_splits
+    from bequest.pretrain import corpus_splits, lm_splits, load_lm
 
     state = processes()
     check_output(r.out, r.overwrite)
-    model, tokenizer = load_model(r.model)
-    a = anatomy(model)
-    if a.task not in LM_TASKS:
-        raise BequestError(f"{r.model} is a {a.task} model; continue pre-training needs a causal or masked LM")
-    if tokenizer is None:
-        raise BequestError(f"{r.model} has no tokenizer.json; the upgraded base keeps it, save it beside the model")
-    room = a.positions - a.family.position_offset
-    if r.seq_len > room:
-        raise BequestError(f"--seq-len {r.seq_len} exceeds {r.model}'s {room} positions; lower it")
+    model, tokenizer, a = load_lm(r.model, r.seq_len, "continue pre-training")
     # The old tokenizer is kept whatever the corpus: recycled task weights index the same vocabulary.
     train_text, eval_text = corpus_splits(r.corpus, r.domain)
     train_set, eval_set = lm_splits(train_text, eval_text, tokenizer, a.task, r)
