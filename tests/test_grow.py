@@ -20,16 +20,6 @@ DOUBLE = {"hidden": 64, "heads": 8, "kv_heads": 4, "ffn": 128, "layers": 4}
 EXACT = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors gain nothing from threads, and on a busy machine OpenMP's waiting made a
-    # 2-thread AdamW step on these models 300x slower than a 1-thread one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def trained(family, task="", seed=0, **config):
     """A tiny model whose norms and biases are not at their init values (1 and 0 would hide bugs)."""
     model = tiny(family, task or LM_TASK[family], seed=seed, **config)

@@ -19,14 +19,6 @@ EXACT = 1e-5
 ODD = {"hidden": 48, "heads": 6, "ffn": 80, "layers": 5}  # 32 -> 48 wide, 2 -> 5 blocks (identity blocks)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def host(folder, family="gpt2", seed=0, task="", parent=None, **shape):
     """A saved tiny host whose weights are not at their init values (1s and 0s would hide bugs)."""
     model = tiny(family, task or LM_TASK[family], seed=seed, pad_token_id=0, **shape)
