@@ -244,10 +244,7 @@ def test_vocabulary_mismatch_is_refused_before_work(tmp_path, teachers):
 
 
 def test_cli_verb_with_precomputed_top_k(tmp_path, teachers):
-    from bequest.cli import app, verb
-
-    if not any(c.name == "inherit" for c in app.registered_commands):
-        verb("inherit", InheritRecipe, inherit)
+    from bequest.cli import app
 
     def invoke(*args):
         return CliRunner().invoke(app, [str(a) for a in args])

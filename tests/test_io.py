@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -118,3 +120,21 @@ def test_info_describes_a_model(saved):
     result = CliRunner().invoke(app, ["info", str(saved)])
     assert result.exit_code == 0, result.output
     assert "gpt2" in result.output and "parameters" in result.output and "attn.qkv x4" in result.output  # 2 blocks x (weight, bias)
+
+
+def test_a_verb_imports_only_its_own_module():
+    """`bequest grow` must not pay for the training verbs' imports (Trainer, peft, datasets)."""
+    code = ("import sys; from bequest.cli import build; app = build(['grow', '--help']); "
+            "print(sorted(c.name for c in app.registered_commands)); "
+            "print([m for m in ('transformers.trainer', 'peft', 'datasets', 'bequest.engine') if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.splitlines() == ["['grow', 'info']", "[]"], r.stdout
+
+
+def test_the_full_app_lists_every_verb():
+    from bequest.cli import VERBS
+
+    names = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
+    assert names == {"info", "study"} | {name for group, name, *_ in VERBS if group is None}
+    help_text = CliRunner().invoke(app, ["study", "--help"]).output
+    assert "port" in help_text

@@ -17,14 +17,11 @@ from typer.testing import CliRunner
 
 from bequest import data
 from bequest.anatomy import FAMILIES, build_model, make_config
-from bequest.cli import app, verb
+from bequest.cli import app
 from bequest.engine import TrainFields, labelled, train
 from bequest.engine.migu import MIGU, MIGUTrainer, keep_top
 from bequest.io import load_model, save_model
 from bequest.learn import LearnRecipe, Memory, continual_metrics, learn
-
-if "learn" not in {c.name for c in app.registered_commands}:  # until cli.py registers the verb itself
-    verb("learn", LearnRecipe, learn)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -150,10 +150,7 @@ def test_naive_baseline_keeps_size_and_budget_sets_steps(tmp_path):
 
 
 def test_cli_refuses_bad_settings_in_one_line(tmp_path):
-    from bequest.cli import app, verb
-
-    if not any(c.name == "lifelong" for c in app.registered_commands):
-        verb("lifelong", LifelongRecipe, lifelong)
+    from bequest.cli import app
     bad = CliRunner().invoke(app, ["lifelong", str(tmp_path / "x"), "--grow-schedule", "width+3"])
     assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "KEY+N" in bad.output, bad.output
     bad = CliRunner().invoke(app, ["lifelong", str(tmp_path / "x"), "--domains", "text,text"])

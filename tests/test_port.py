@@ -166,9 +166,7 @@ def test_scratch_baseline_is_a_fresh_module_of_the_same_config(tmp_path):
 
 
 def _cli():
-    if not any(c.name == "port" for c in cli.app.registered_commands):
-        cli.verb("port", PortRecipe, port, arguments=("out",))
-    return cli.app
+    return cli.build(["port"])
 
 
 def test_port_between_unrelated_hosts_of_different_shapes_exits_2(tmp_path):

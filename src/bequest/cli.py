@@ -6,6 +6,7 @@ YAML keys and the flags are the same names and carry the same help text. User er
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import sys
 import types
@@ -19,9 +20,22 @@ from pydantic import BaseModel
 from bequest.errors import BequestError
 from bequest.recipe import resolve
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
-study_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Grid studies of a method: hosts x types x seeds.")
-app.add_typer(study_app, name="study")
+# Verbs as data: (group, name, module, recipe class, run function, positional arguments). A verb's
+# module is imported only when that verb runs, so `bequest grow` never pays for Trainer, peft or datasets.
+VERBS = [
+    (None, "pretrain", "bequest.pretrain", "PretrainRecipe", "pretrain", ("out",)),
+    (None, "grow", "bequest.grow.command", "GrowRecipe", "grow_command", ("src", "out")),
+    (None, "inherit", "bequest.inherit", "InheritRecipe", "inherit", ("out",)),
+    (None, "lifelong", "bequest.lifelong", "LifelongRecipe", "lifelong", ("out",)),
+    (None, "learn", "bequest.learn", "LearnRecipe", "learn", ("out",)),
+    (None, "finetune", "bequest.finetune", "FinetuneRecipe", "finetune", ("out",)),
+    (None, "continue-pretrain", "bequest.recycle", "ContinueRecipe", "continue_pretrain", ("out",)),
+    (None, "recycle", "bequest.recycle", "RecycleRecipe", "recycle", ("out",)),
+    (None, "analyze", "bequest.analyze", "AnalyzeRecipe", "analyze", ("kind", "out")),
+    (None, "port", "bequest.port.command", "PortRecipe", "port", ("out",)),
+    ("study", "port", "bequest.port.study", "StudyRecipe", "study", ()),
+]
+GROUPS = {"study": "Grid studies of a method: hosts x types x seeds."}
 
 
 def _fail(e: Exception) -> typing.NoReturn:
@@ -39,8 +53,8 @@ def _cli_type(annotation):
     return annotation if annotation in (int, float, str, bool) else str
 
 
-def verb(name: str, recipe_cls: type[BaseModel], run: Callable, arguments: tuple[str, ...] = ("out",),
-         group: typer.Typer = app):
+def verb(group: typer.Typer, name: str, recipe_cls: type[BaseModel], run: Callable,
+         arguments: tuple[str, ...] = ("out",)):
     """Register `bequest NAME` (or `bequest GROUP NAME`): positional `arguments`, an option per other
     recipe field, --recipe."""
     inherited = {f for base in recipe_cls.__mro__[1:] for f in getattr(base, "model_fields", {})}
@@ -81,7 +95,6 @@ def verb(name: str, recipe_cls: type[BaseModel], run: Callable, arguments: tuple
     group.command(name)(command)
 
 
-@app.command()
 def info(model: Path = typer.Argument(..., help="a model folder")):
     """Print a model's family, shape, parameter count, anatomy and lineage."""
     from bequest.info import describe
@@ -92,31 +105,32 @@ def info(model: Path = typer.Argument(..., help="a model folder")):
         _fail(e)
 
 
-def _register() -> None:
-    from bequest import analyze, finetune, inherit, learn, lifelong, pretrain, recycle
-    from bequest.grow import command as grow
-    from bequest.port import command as port
-    from bequest.port import study as port_study
-
-    verb("pretrain", pretrain.PretrainRecipe, pretrain.pretrain)
-    verb("grow", grow.GrowRecipe, grow.grow_command, arguments=("src", "out"))
-    verb("inherit", inherit.InheritRecipe, inherit.inherit)
-    verb("lifelong", lifelong.LifelongRecipe, lifelong.lifelong)
-    verb("learn", learn.LearnRecipe, learn.learn)
-    verb("finetune", finetune.FinetuneRecipe, finetune.finetune)
-    verb("continue-pretrain", recycle.ContinueRecipe, recycle.continue_pretrain)
-    verb("recycle", recycle.RecycleRecipe, recycle.recycle)
-    verb("analyze", analyze.AnalyzeRecipe, analyze.analyze, arguments=("kind", "out"))
-    verb("port", port.PortRecipe, port.port)
-    verb("port", port_study.StudyRecipe, port_study.study, arguments=(), group=study_app)
+def build(argv: list[str] | None = None) -> typer.Typer:
+    """The command line app. Given the arguments, it registers only the verb they name (when they
+    name one), importing nothing else; otherwise every verb, for --help and tests."""
+    app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+    app.command("info")(info)
+    groups = {g: typer.Typer(add_completion=False, no_args_is_help=True, help=h) for g, h in GROUPS.items()}
+    for g, sub in groups.items():
+        app.add_typer(sub, name=g)
+    argv = argv or []
+    named = [v for v in VERBS if argv[: 2 if v[0] else 1] == [x for x in v[:2] if x]]
+    for group, name, module, recipe, run, arguments in named or VERBS:
+        mod = importlib.import_module(module)
+        verb(groups[group] if group else app, name, getattr(mod, recipe), getattr(mod, run), arguments)
+    return app
 
 
-_register()
+def __getattr__(name: str):
+    if name == "app":  # `from bequest.cli import app`: the full app, built on first use
+        globals()["app"] = build()
+        return globals()["app"]
+    raise AttributeError(name)
 
 
 def main() -> None:
     try:
-        app()
+        build(sys.argv[1:])()
     except BequestError as e:  # raised outside a verb, e.g. while importing a recipe
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
