@@ -80,6 +80,13 @@ def test_identical_teacher_has_zero_kl_and_labels_select_positions():
                           teacher_hidden=hidden + 1)
     assert parts["mse"].item() == pytest.approx(1.0)
     assert loss.item() == pytest.approx(0.5 * parts["ce"].item() + 0.3, abs=1e-5)
+    # For a classifier it is the mean over real tokens: whatever padding holds does not count.
+    mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4])
+    teacher_hidden = hidden + 1
+    teacher_hidden[1, 3:] += 100.0
+    _, parts = kd_loss(cls[:2], cls[:2], torch.tensor([0, 1]), alpha=0.0, beta=1.0, student_hidden=hidden,
+                       teacher_hidden=teacher_hidden, attention_mask=mask)
+    assert parts["mse"].item() == pytest.approx(1.0)
 
 
 def test_kd_trainer_on_a_classifier_with_the_hidden_state_term(tmp_path):

@@ -65,6 +65,7 @@ def kd_loss(
     beta: float = 0.0,
     student_hidden: torch.Tensor | None = None,
     teacher_hidden: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """(loss, parts): the distillation loss over labelled positions, and its detached parts.
 
@@ -122,8 +123,11 @@ def kd_loss(
         if student_hidden.dim() == student_logits.dim():  # a hidden state per prediction: the same positions
             hs = _positions(student_hidden, labels, shift)[keep].float()
             ht = _positions(teacher_hidden, labels, shift)[keep].float()
-        else:  # sequence classification: one label, every token's hidden state
-            hs, ht = student_hidden.float(), teacher_hidden.float()
+        else:  # sequence classification: one label, the hidden state of every real (unpadded) token
+            real = torch.ones(student_hidden.shape[:2], dtype=torch.bool, device=student_hidden.device)
+            if attention_mask is not None:
+                real = attention_mask.bool()
+            hs, ht = student_hidden[real].float(), teacher_hidden[real].float()
         mse = F.mse_loss(hs, ht)
         loss = loss + beta * mse
         parts["mse"] = mse.detach()
@@ -276,7 +280,7 @@ class KDTrainer(transformers.Trainer):
         loss, parts = kd_loss(
             outputs.logits, teacher_logits, labels, alpha=alpha, tau=self.kd.tau, top_k=self.kd.top_k,
             shift=self._shift, beta=self.kd.beta, student_hidden=outputs.hidden_states[-1] if hidden else None,
-            teacher_hidden=teacher_hidden,
+            teacher_hidden=teacher_hidden, attention_mask=feed.get("attention_mask"),
         )
         for name, value in parts.items():
             self._parts.setdefault(name, []).append(value)
