@@ -113,8 +113,8 @@ def build(argv: list[str] | None = None) -> typer.Typer:
     groups = {g: typer.Typer(add_completion=False, no_args_is_help=True, help=h) for g, h in GROUPS.items()}
     for g, sub in groups.items():
         app.add_typer(sub, name=g)
-    argv = argv or []
-    named = [v for v in VERBS if argv[: 2 if v[0] else 1] == [x for x in v[:2] if x]]
+    words = list(argv or [])
+    named = [v for v in VERBS if words[: 2 if v[0] else 1] == [w for w in v[:2] if w]]  # ["grow"], ["study", "port"]
     for group, name, module, recipe, run, arguments in named or VERBS:
         mod = importlib.import_module(module)
         verb(groups[group] if group else app, name, getattr(mod, recipe), getattr(mod, run), arguments)
