@@ -21,7 +21,7 @@ from bequest.cli import app
 from bequest.engine import TrainFields, labelled, train
 from bequest.engine.migu import MIGU, MIGUTrainer, keep_top
 from bequest.io import load_model, save_model
-from bequest.learn import LearnRecipe, Memory, continual_metrics, learn
+from bequest.learn import Memory, continual_metrics
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -124,9 +124,8 @@ def kd_loss(
             hs = _positions(student_hidden, labels, shift)[keep].float()
             ht = _positions(teacher_hidden, labels, shift)[keep].float()
         else:  # sequence classification: one label, the hidden state of every real (unpadded) token
-            real = torch.ones(student_hidden.shape[:2], dtype=torch.bool, device=student_hidden.device)
-            if attention_mask is not None:
-                real = attention_mask.bool()
+            real = (attention_mask.bool() if attention_mask is not None
+                    else torch.ones(student_hidden.shape[:2], dtype=torch.bool, device=student_hidden.device))
             hs, ht = student_hidden[real].float(), teacher_hidden[real].float()
         mse = F.mse_loss(hs, ht)
         loss = loss + beta * mse
