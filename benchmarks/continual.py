@@ -15,7 +15,7 @@ the two alternating so that machine load hits both alike; the ratio of median st
 Anchors (Du et al. 2024): MIGU +15.2 ACC over LoRA seq on 15 tasks, +5.5 over full fine-tuning.
 Goals: MIGU >= +5 ACC over seq and less forgetting; mask overhead <= 10% of step time (at T = 0.7).
 
-    python benchmarks/continual.py [--quick]
+    python benchmarks/continual.py [--quick] [--workers 2 --threads 1]
 """
 
 from __future__ import annotations
@@ -36,15 +36,22 @@ METHODS = ("seq", "replay", *(f"{m}@{t}" for t in THRESHOLDS for m in ("migu", "
 QUICK = dict(base=dict(layers=1, hidden=32, heads=2, vocab=500, steps=4), tasks=("kind", "visibility"), seeds=(0,),
              orders=1, steps_per_task=2, train_examples=64, eval_examples=16, lr={"full": 1e-3, "lora": 5e-3},
              overhead_steps=3)
-# Sized for ~20 minutes on 2 CPU cores: 60 streams of 5 tasks at ~15-20 s each, after ~2 minutes of pre-training.
+# About 30 minutes with --workers 2 on 2 CPU cores: 96 streams of 5 tasks x 150 steps (25-45 s each), after ~2 minutes of pre-training.
 FULL = dict(base=dict(layers=2, hidden=64, heads=4, vocab=2000, steps=600), tasks=None, seeds=(0, 1, 2), orders=2,
-            steps_per_task=50, train_examples=800, eval_examples=100, lr={"full": 2e-3, "lora": 5e-3},
+            steps_per_task=150, train_examples=800, eval_examples=100, lr={"full": 2e-3, "lora": 5e-3},
             overhead_steps=60)
 SHARED = dict(batch_size=16, max_len=64, warmup=5, replay_fraction=0.1, lora_rank=8, lora_alpha=16.0)
 
 
 def main() -> None:
+    import argparse
+
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--workers", type=int, default=1, help="streams run in this many processes, 1 thread each")
+    mine, rest = extra.parse_known_args()
+    sys.argv = [sys.argv[0], *rest]
     args = common.parse(__doc__.splitlines()[0])
+    args.workers = mine.workers
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,7 +131,6 @@ def overhead(base: Path, c: dict, lora: bool) -> dict:
 
 def measure(args, work: Path, c: dict, plt) -> None:
     from bequest import data
-    from bequest.learn import LearnRecipe, learn
 
     t0 = time.perf_counter()
     base = pretrain_base(work, c)
@@ -135,27 +141,19 @@ def measure(args, work: Path, c: dict, plt) -> None:
     for kind, o in costs.items():
         print(f"mask overhead ({kind}): {100 * o['overhead']:+.1f}% ({1e3 * o['plain_step_s']:.1f} -> {1e3 * o['migu_step_s']:.1f} ms/step)")
 
-    streams = []
-    for kind in ("full", "lora"):
-        for order_id, order in enumerate(orders):
-            for seed in c["seeds"]:
-                for name in METHODS:
-                    method, _, threshold = name.partition("@")
-                    out = work / f"{kind}-{order_id}-{seed}-{name.replace('+', '_').replace('@', '-')}"
-                    r = LearnRecipe(model=str(base), out=str(out), tasks=",".join(order), method=method,
-                                    threshold=float(threshold or THRESHOLDS[0]),
-                                    lora=kind == "lora", lr=c["lr"][kind], steps_per_task=c["steps_per_task"],
-                                    train_examples=c["train_examples"], eval_examples=c["eval_examples"],
-                                    eval_every=10**6, seed=seed, **SHARED)
-                    m = learn(r, progress=False)
-                    streams.append({"finetune": kind, "order": order, "seed": seed, "method": name,
-                                    **{k: m[k] for k in ("average_accuracy", "bwt", "forgetting", "seconds")},
-                                    "matrix": json.loads((out / "matrix.json").read_text())["accuracy"]})
-                    matrix = streams[-1]["matrix"]
-                    streams[-1]["learning_accuracy"] = statistics.fmean(matrix[i][i] for i in range(len(matrix)))
-                    s = streams[-1]
-                    print(f"{kind:4} order {order_id} seed {seed} {name:16} ACC {100 * s['average_accuracy']:5.1f} "
-                          f"BWT {100 * s['bwt']:+6.1f} forgetting {100 * s['forgetting']:5.1f}  ({s['seconds']:.0f} s)")
+    threads = 1 if args.workers > 1 else args.threads
+    jobs = [dict(kind=kind, order_id=order_id, order=order, seed=seed, name=name, base=str(base), work=str(work),
+                 threads=threads, c={k: c[k] for k in ("lr", "steps_per_task", "train_examples", "eval_examples")})
+            for kind in ("full", "lora") for order_id, order in enumerate(orders) for seed in c["seeds"]
+            for name in METHODS]
+    if args.workers > 1:  # streams are independent: one process each, one thread each
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+            streams = list(pool.map(run_stream, jobs))
+    else:
+        streams = [run_stream(job) for job in jobs]
 
     summary = summarise(streams)
     # MIGU's threshold is read at the better swept value per setting (chosen on these same streams).
@@ -169,7 +167,7 @@ def measure(args, work: Path, c: dict, plt) -> None:
         "quick": args.quick,
         "setup": {"family": "gpt2", "base": c["base"], "tasks": tasks, "orders": orders, "seeds": list(c["seeds"]),
                   "methods": list(METHODS), "steps_per_task": c["steps_per_task"], "train_examples": c["train_examples"],
-                  "eval_examples": c["eval_examples"], "lr": c["lr"], **SHARED,
+                  "eval_examples": c["eval_examples"], "lr": c["lr"], **SHARED, "workers": args.workers,
                   "classify": "head (union of labels, scored within each task)", "units": "accuracy in [0, 1]"},
         "pretrain_seconds": pretrain_s,
         "summary": summary,
@@ -200,6 +198,30 @@ def majority_accuracy(task: str, n: int) -> float:
 
     labels = [y for _, y in task_examples(task, "validation")[:n]]
     return max(Counter(labels).values()) / len(labels)
+
+
+def run_stream(job: dict) -> dict:
+    """One stream of `bequest learn`: its metrics, accuracy matrix and learning accuracy."""
+    import torch
+
+    from bequest.learn import LearnRecipe, learn
+
+    torch.set_num_threads(job["threads"])  # a spawned worker starts with torch's default
+    kind, name, c = job["kind"], job["name"], job["c"]
+    method, _, threshold = name.partition("@")
+    out = Path(job["work"]) / f"{kind}-{job['order_id']}-{job['seed']}-{name.replace('+', '_').replace('@', '-')}"
+    r = LearnRecipe(model=job["base"], out=str(out), tasks=",".join(job["order"]), method=method,
+                    threshold=float(threshold or THRESHOLDS[0]), lora=kind == "lora", lr=c["lr"][kind],
+                    steps_per_task=c["steps_per_task"], train_examples=c["train_examples"],
+                    eval_examples=c["eval_examples"], eval_every=10**6, seed=job["seed"], **SHARED)
+    m = learn(r, progress=False)
+    matrix = json.loads((out / "matrix.json").read_text())["accuracy"]
+    s = {"finetune": kind, "order": job["order"], "seed": job["seed"], "method": name,
+         **{k: m[k] for k in ("average_accuracy", "bwt", "forgetting", "seconds")}, "matrix": matrix,
+         "learning_accuracy": statistics.fmean(matrix[i][i] for i in range(len(matrix)))}
+    print(f"{kind:4} order {job['order_id']} seed {job['seed']} {name:16} ACC {100 * s['average_accuracy']:5.1f} "
+          f"BWT {100 * s['bwt']:+6.1f} forgetting {100 * s['forgetting']:5.1f}  ({s['seconds']:.0f} s)", flush=True)
+    return s
 
 
 def summarise(streams: list[dict]) -> dict:
