@@ -18,6 +18,8 @@ def parse(description: str) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where NAME.json and NAME.png go")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 with --quick, where tiny matrices gain nothing, else 2)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="independent runs go to this many processes, 1 torch thread each (where a benchmark has them)")
     args = p.parse_args()
     import torch
 
@@ -44,3 +46,14 @@ def write(name: str, out_dir: Path, results: dict, fig) -> Path:
     path.write_text(json.dumps(results, indent=1))
     fig.savefig(out_dir / f"{name}.png", dpi=120, bbox_inches="tight")
     return path
+
+
+def pool_map(fn, jobs: list, workers: int) -> list:
+    """fn over jobs, in `workers` spawned processes when more than one (fn and jobs must pickle)."""
+    if workers <= 1:
+        return [fn(job) for job in jobs]
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(fn, jobs))

@@ -44,14 +44,7 @@ SHARED = dict(batch_size=16, max_len=64, warmup=5, replay_fraction=0.1, lora_ran
 
 
 def main() -> None:
-    import argparse
-
-    extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--workers", type=int, default=1, help="streams run in this many processes, 1 thread each")
-    mine, rest = extra.parse_known_args()
-    sys.argv = [sys.argv[0], *rest]
     args = common.parse(__doc__.splitlines()[0])
-    args.workers = mine.workers
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,14 +139,7 @@ def measure(args, work: Path, c: dict, plt) -> None:
                  threads=threads, c={k: c[k] for k in ("lr", "steps_per_task", "train_examples", "eval_examples")})
             for kind in ("full", "lora") for order_id, order in enumerate(orders) for seed in c["seeds"]
             for name in METHODS]
-    if args.workers > 1:  # streams are independent: one process each, one thread each
-        from concurrent.futures import ProcessPoolExecutor
-        from multiprocessing import get_context
-
-        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-            streams = list(pool.map(run_stream, jobs))
-    else:
-        streams = [run_stream(job) for job in jobs]
+    streams = common.pool_map(run_stream, jobs, args.workers)  # streams are independent
 
     summary = summarise(streams)
     # MIGU's threshold is read at the better swept value per setting (chosen on these same streams).
