@@ -96,10 +96,10 @@ def recycle_run(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])  # a spawned worker starts with torch's default
     method, _, alpha = job["run"].partition("@")
-    name = job["setting"].split("/")[0]
+    name, weights = job["setting"].split("/")
     out = Path(job["work"]) / f"{job['setting'].replace('/', '-')}-{job['run']}-{job['seed']}"
     m = recycle(RecycleRecipe(out=str(out), old_base=job["old"], new_base=job["new"], task_weights=job["source"],
-                              data=name, method=method, steps=job["steps"], lr=LR[job["setting"].split("/")[1]],
+                              data=name, method=method, steps=job["steps"], lr=LR[weights],
                               alpha=float(alpha or 0.0), **KD, **job["task"]), progress=False)
     return {**job, "curve": [(int(s), float(a)) for s, a in m["curve"]]}
 
