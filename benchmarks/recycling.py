@@ -104,6 +104,26 @@ def recycle_run(job: dict) -> dict:
     return {**job, "curve": [(int(s), float(a)) for s, a in m["curve"]]}
 
 
+def figure(plt, c: dict, curves: dict, results: dict):
+    """Accuracy against steps per setting, every method's mean curve."""
+    tasks = c["tasks"]
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 7), squeeze=False, sharex=True)
+    for j, name in enumerate(tasks):
+        for i, weights in enumerate(("full", "lora")):
+            ax, runs = axes[i][j], curves[f"{name}/{weights}"]
+            for method in TRAINED:
+                ax.plot(*zip(*runs[method]), label=method, color=COLORS[method], marker=".", lw=1)
+            ax.axhline(runs["reuse"][0][1], color=COLORS["reuse"], ls="--", lw=1, label="reuse (no training)")
+            ax.axhline(results[f"{name}/{weights}"]["fresh_best_accuracy"], color="k", ls=":", lw=0.8)
+            ax.set_title(f"{name}, {'full fine-tune' if weights == 'full' else 'LoRA'}", fontsize=10)
+            ax.set_ylabel("validation accuracy" if j == 0 else None)
+            ax.set_xlabel("steps on M_{i+1}" if i == 1 else None)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"recycling gpt2 {c['base']['layers']}x{c['base']['hidden']} tunings across an upgrade "
+                 f"({OLD_DOMAIN} -> +{NEW_DOMAIN}); mean of {len(c['seeds'])} seeds; dotted: fresh's best", fontsize=10)
+    return fig
+
+
 def main() -> None:
     args = common.parse(__doc__.splitlines()[0])
     import matplotlib
@@ -185,21 +205,7 @@ def measure(args, work: Path, c: dict, plt) -> None:
         }
     alpha, goals = verdict(summary)
 
-    tasks = c["tasks"]
-    fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 7), squeeze=False, sharex=True)
-    for j, name in enumerate(tasks):
-        for i, weights in enumerate(("full", "lora")):
-            ax, runs = axes[i][j], curves[f"{name}/{weights}"]
-            for method in TRAINED:
-                ax.plot(*zip(*runs[method]), label=method, color=COLORS[method], marker=".", lw=1)
-            ax.axhline(runs["reuse"][0][1], color=COLORS["reuse"], ls="--", lw=1, label="reuse (no training)")
-            ax.axhline(results[f"{name}/{weights}"]["fresh_best_accuracy"], color="k", ls=":", lw=0.8)
-            ax.set_title(f"{name}, {'full fine-tune' if weights == 'full' else 'LoRA'}", fontsize=10)
-            ax.set_ylabel("validation accuracy" if j == 0 else None)
-            ax.set_xlabel("steps on M_{i+1}" if i == 1 else None)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"recycling gpt2 {c['base']['layers']}x{c['base']['hidden']} tunings across an upgrade "
-                 f"({OLD_DOMAIN} -> +{NEW_DOMAIN}); dotted: fresh's best", fontsize=10)
+    fig = figure(plt, c, curves, results)
     common.write("recycling", args.out_dir, {
         "quick": args.quick,
         "setup": {"family": "gpt2", **c, "old_domain": OLD_DOMAIN, "new_domain": NEW_DOMAIN, "lr": LR, "kd": KD,
