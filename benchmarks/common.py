@@ -49,11 +49,18 @@ def write(name: str, out_dir: Path, results: dict, fig) -> Path:
 
 
 def pool_map(fn, jobs: list, workers: int) -> list:
-    """fn over jobs, in `workers` spawned processes when more than one (fn and jobs must pickle)."""
+    """fn over jobs, in `workers` spawned processes of one torch thread each when more than one (fn and jobs
+    must pickle); in this process, with the threads `parse` set, otherwise."""
     if workers <= 1:
         return [fn(job) for job in jobs]
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_one_thread) as pool:
         return list(pool.map(fn, jobs))
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # a spawned worker starts with torch's default: every core, for each worker

@@ -134,9 +134,8 @@ def measure(args, work: Path, c: dict, plt) -> None:
     for kind, o in costs.items():
         print(f"mask overhead ({kind}): {100 * o['overhead']:+.1f}% ({1e3 * o['plain_step_s']:.1f} -> {1e3 * o['migu_step_s']:.1f} ms/step)")
 
-    threads = 1 if args.workers > 1 else args.threads
     jobs = [dict(kind=kind, order_id=order_id, order=order, seed=seed, name=name, base=str(base), work=str(work),
-                 threads=threads, c={k: c[k] for k in ("lr", "steps_per_task", "train_examples", "eval_examples")})
+                 c={k: c[k] for k in ("lr", "steps_per_task", "train_examples", "eval_examples")})
             for kind in ("full", "lora") for order_id, order in enumerate(orders) for seed in c["seeds"]
             for name in METHODS]
     streams = common.pool_map(run_stream, jobs, args.workers)  # streams are independent
@@ -188,11 +187,8 @@ def majority_accuracy(task: str, n: int) -> float:
 
 def run_stream(job: dict) -> dict:
     """One stream of `bequest learn`: its metrics, accuracy matrix and learning accuracy."""
-    import torch
-
     from bequest.learn import LearnRecipe, learn
 
-    torch.set_num_threads(job["threads"])  # a spawned worker starts with torch's default
     kind, name, c = job["kind"], job["name"], job["c"]
     method, _, threshold = name.partition("@")
     out = Path(job["work"]) / f"{kind}-{job['order_id']}-{job['seed']}-{name.replace('+', '_').replace('@', '-')}"

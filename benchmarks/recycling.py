@@ -90,11 +90,8 @@ def mean_curve(curves: list[list]) -> list[tuple[int, float]]:
 
 def recycle_run(job: dict) -> dict:
     """One recycling run (any method, fresh included) of one setting and seed: its accuracy curve."""
-    import torch
-
     from bequest.recycle import RecycleRecipe, recycle
 
-    torch.set_num_threads(job["threads"])  # a spawned worker starts with torch's default
     method, _, alpha = job["run"].partition("@")
     name, weights = job["setting"].split("/")
     out = Path(job["work"]) / f"{job['setting'].replace('/', '-')}-{job['run']}-{job['seed']}"
@@ -166,7 +163,7 @@ def measure(args, work: Path, c: dict, plt) -> None:
                                             **{**task, "warmup": max(1, c["tune_steps"] // 10)}), progress=False)
             sources[f"{name}/{weights}"] = (str(source), tuned["eval_accuracy"])
     jobs = [dict(setting=setting, source=source, run=run, seed=seed, steps=c["steps"], old=str(old), new=str(new),
-                 work=str(work), threads=args.threads if args.workers <= 1 else 1, task={**task, "seed": seed})
+                 work=str(work), task={**task, "seed": seed})
             for setting, (source, _) in sources.items() for seed in c["seeds"] for run in TRAINED]
     done = common.pool_map(recycle_run, jobs, args.workers)  # every run is independent of the others
 
