@@ -207,6 +207,32 @@ def test_masked_rows_receive_no_update(tmp_path, family, lora):
         assert int(keep.sum()) == keep.numel() - int(0.7 * keep.numel() + 1e-9)
 
 
+
+class _Before(MIGU):
+    """Records every masked layer's weight as it is just before each optimizer step."""
+
+    def apply(self, step: int = 0) -> None:
+        super().apply(step)
+        self.before = {n: m.weight.detach().clone() for n, (m, _) in self.layers.items()}
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_hold_keeps_masked_rows_through_momentum_and_weight_decay(tmp_path, hold):
+    model, tokenizer = _classifier("gpt2")
+    migu = _Before(model, 0.7, skip=("score",), hold=hold)
+    # Several steps with weight decay: from the second on, AdamW's momentum moves rows masked now but kept before.
+    spec = TrainFields(steps=4, batch_size=8, lr=1e-2, warmup=0, weight_decay=0.1, eval_every=100, save_every=100)
+    train(model, tokenizer, "seq_cls", *_kind_sets(tokenizer), tmp_path, spec, callbacks=[migu],
+          trainer_class=MIGUTrainer, resume=False, progress=False)
+    moved_masked = 0
+    for name, (module, axis) in migu.layers.items():
+        keep = migu.masks[name]
+        moved = (module.weight.detach() != migu.before[name]).any(dim=1 - axis)
+        assert moved[keep].any(), name
+        moved_masked += int(moved[~keep].sum())
+    assert (moved_masked == 0) if hold else (moved_masked > 0)
+
+
 SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch, transformers

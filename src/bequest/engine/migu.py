@@ -71,10 +71,11 @@ class MIGU(transformers.TrainerCallback):
     """Mask each step's gradient rows to the layers' largest output magnitudes (or random rows)."""
 
     def __init__(self, model: nn.Module, threshold: float = 0.7, *, random: bool = False,
-                 skip: tuple[str, ...] = (), seed: int = 0):
+                 skip: tuple[str, ...] = (), seed: int = 0, hold: bool = False):
         if not 0.0 <= threshold < 1.0:
             raise BequestError(f"MIGU threshold {threshold} is outside [0, 1); it is the fraction of rows masked")
-        self.model, self.threshold, self.random, self.seed = model, threshold, random, seed
+        self.model, self.threshold, self.random, self.seed, self.hold = model, threshold, random, seed, hold
+        self._held: list = []  # (weight, axis, masked row indices, their values before the step)
         self.layers = maskable(model, skip)
         if not self.layers:
             raise BequestError("MIGU found no trainable linear layer to mask; is everything frozen or skipped?")
@@ -150,7 +151,22 @@ class MIGU(transformers.TrainerCallback):
             grad = module.weight.grad
             if grad is not None:
                 grad.mul_(keep.to(grad.dtype).view((-1, 1) if axis == 0 else (1, -1)))
+            if self.hold:
+                rows = (~keep).nonzero().squeeze(1)
+                w = module.weight.detach()
+                self._held.append((w, axis, rows, w.index_select(axis, rows)))
         self.masks = masks
+
+    def restore(self) -> None:
+        """Put the masked rows back as they were before the optimizer step (`hold`).
+
+        A zero gradient does not stop AdamW: its momentum from earlier steps and its weight decay still
+        move a masked row, and the kept set changes from step to step, so without this far more than
+        (1 - T) of the rows change every step.
+        """
+        for w, axis, rows, values in self._held:
+            w.index_copy_(axis, rows, values)
+        self._held.clear()
 
     # ---------------------------------------------------------------- Trainer events
 
@@ -165,6 +181,9 @@ class MIGU(transformers.TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.apply(state.global_step)  # a no-op when MIGUTrainer already masked before clipping
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.restore()
 
 
 class MIGUTrainer(transformers.Trainer):
