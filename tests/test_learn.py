@@ -207,7 +207,6 @@ def test_masked_rows_receive_no_update(tmp_path, family, lora):
         assert int(keep.sum()) == keep.numel() - int(0.7 * keep.numel() + 1e-9)
 
 
-
 class _Before(MIGU):
     """Records every masked layer's weight as it is just before each optimizer step."""
 

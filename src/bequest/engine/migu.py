@@ -161,12 +161,7 @@ class MIGU(transformers.TrainerCallback):
         self.masks = masks
 
     def restore(self) -> None:
-        """Put the masked rows back as they were before the optimizer step (`hold`).
-
-        A zero gradient does not stop AdamW: its momentum from earlier steps and its weight decay still
-        move a masked row, and the kept set changes from step to step, so without this far more than
-        (1 - T) of the rows change every step.
-        """
+        """Put the masked rows back as they were before the optimizer step (`hold`; see the module notes)."""
         for w, axis, rows, values in self._held:
             w.index_copy_(axis, rows, values)
         self._held.clear()
