@@ -20,6 +20,7 @@ from bequest.anatomy import FAMILIES, build_model, make_config
 from bequest.cli import app
 from bequest.engine import TrainFields, labelled, train
 from bequest.engine.migu import MIGU, MIGUTrainer, keep_top
+from bequest.errors import BequestError
 from bequest.io import load_model, save_model
 from bequest.learn import Memory, continual_metrics
 
@@ -116,6 +117,60 @@ def test_statistic_sums_micro_batches_and_skips_evaluation():
     torch.testing.assert_close(migu.flat, single[0] + single[1])
     migu.detach()
     assert MIGU(toy, skip=("c",)).layers.keys() == {"a"}
+
+
+class TiedToy(nn.Module):
+    """An embedding, a LayerNorm and a Linear with bias, and an LM head tied to the embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 10)
+        self.norm = nn.LayerNorm(10)
+        self.a = nn.Linear(10, 10)
+        self.head = nn.Linear(10, 7, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids, attention_mask=None):
+        return self.head(self.a(self.norm(self.embed(ids))))
+
+
+def test_scope_all_masks_embeddings_norms_and_biases_by_their_output_features():
+    torch.manual_seed(0)
+    toy = TiedToy().train()
+    assert MIGU(toy).layers.keys() == {"a", "head"}  # the paper's scope: linear layers only
+    migu = MIGU(toy, threshold=0.7, scope="all")
+    # The tied weight is masked once, by the head's rows (vocabulary entries), not again by the embedding.
+    assert {n: axis for n, (_, axis) in migu.layers.items()} == {"a": 0, "head": 0, "norm": 0}
+    migu.attach()
+    migu.reset()
+    out = toy(torch.tensor([[1, 2, 3, 4]]), attention_mask=torch.ones(1, 4, dtype=torch.long))
+    (out * torch.randn_like(out)).sum().backward()
+    before = {n: p.grad.clone() for n, p in toy.named_parameters()}
+    migu.apply()
+    grads = {n: p.grad for n, p in toy.named_parameters()}
+    for name, params in (("a", ("a.weight", "a.bias")), ("norm", ("norm.weight", "norm.bias"))):
+        keep = migu.masks[name]
+        assert int(keep.sum()) == 3
+        for p in params:  # a weight's rows, its bias's entries and a norm's gain and shift share one mask
+            assert torch.equal(grads[p][keep], before[p][keep]) and not grads[p][~keep].any()
+    keep = migu.masks["head"]
+    assert torch.equal(grads["embed.weight"][keep], before["embed.weight"][keep]) and not grads["embed.weight"][~keep].any()
+    with pytest.raises(BequestError, match="scope"):
+        MIGU(toy, scope="everything")
+    migu.detach()
+
+
+def test_scope_all_masks_an_untied_embedding_by_columns():
+    emb = nn.Sequential(nn.Embedding(5, 8), nn.Linear(8, 2)).train()
+    migu = MIGU(emb, threshold=0.5, scope="all")
+    assert {n: axis for n, (_, axis) in migu.layers.items()} == {"0": 1, "1": 0}  # embedding features are columns
+    migu.attach()
+    migu.reset()
+    emb(torch.tensor([[0, 1, 2]])).sum().backward()
+    migu.apply()
+    keep = migu.masks["0"]
+    assert int(keep.sum()) == 4 and not emb[0].weight.grad[:, ~keep].any() and emb[0].weight.grad[:3, keep].all()
+    migu.detach()
 
 
 # ---------------------------------------------------------------- through the engine

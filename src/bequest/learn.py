@@ -50,6 +50,7 @@ from bequest.io import atomic_dir, check_output, load_config, load_model, write_
 
 Method = Literal["seq", "migu", "replay", "migu+replay", "random-mask"]
 Classify = Literal["head", "generate"]
+Scope = Literal["linear", "all"]
 
 
 class LearnRecipe(TrainFields):
@@ -62,6 +63,7 @@ class LearnRecipe(TrainFields):
     lora_rank: int = Field(8, ge=1, description="rank of the LoRA matrices")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / rank)")
     threshold: float = Field(0.7, ge=0.0, lt=1.0, description="MIGU's T: fraction of each layer's output rows whose gradient is zeroed (migu, random-mask)")
+    scope: Scope = Field("linear", description="what MIGU masks: 'linear' layers (the paper), or 'all': embeddings, norms and biases too, by the same output-feature magnitudes")
     hold: bool = Field(False, description="masked rows keep their values through the optimizer step (AdamW's momentum and weight decay would otherwise still move them)")
     replay_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="fraction of a later task's training examples drawn from the replay memory (replay methods)")
     replay_memory: int = Field(1000, ge=1, description="earlier tasks' examples kept for replay, shared equally among them")
@@ -404,7 +406,7 @@ def learn(r: LearnRecipe, *, progress: bool = True) -> dict:
         callbacks = [_OnlyEverySave(r.save_every)]
         if masking and i > 0:  # MIGU masks from the second task on; the first task learns freely
             callbacks.append(MIGU(model, r.threshold, random=r.method == "random-mask", skip=roots, seed=r.seed + i,
-                                  hold=r.hold))
+                                  hold=r.hold, scope=r.scope))
         tick = time.perf_counter()
         final = train(model, tokenizer, engine_task, train_set, t.engine_eval, folder, r, flops_per_token=flops,
                       callbacks=callbacks, trainer_class=trainer, resume=False, progress=progress)

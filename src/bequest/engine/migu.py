@@ -53,20 +53,37 @@ def keep_random(n: int, threshold: float, generator: torch.Generator) -> torch.T
     return mask
 
 
-def maskable(model: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, tuple[nn.Module, int]]:
-    """Trainable linear layers by name, each with the axis of its weight that indexes output features.
+def _is_norm(module: nn.Module) -> bool:
+    # LayerNorm, or any family's RMSNorm class: a per-feature gain of the width of its output.
+    w = getattr(module, "weight", None)
+    return isinstance(module, nn.LayerNorm) or (type(module).__name__.endswith("Norm") and isinstance(w, nn.Parameter) and w.dim() == 1)
 
-    A name is skipped when one of `skip` is a run of its dotted components ("score" skips
-    "base_model.model.score.modules_to_save.default"). Frozen layers (LoRA's base weights) have no
-    gradient to mask.
+
+def maskable(model: nn.Module, skip: tuple[str, ...] = (), scope: str = "linear") -> dict[str, tuple[nn.Module, int]]:
+    """Trainable layers by name, each with the axis of its weight that indexes output features.
+
+    `linear`: linear layers only (the paper). `all`: also embeddings (their output features are the weight's
+    columns) and norms, and every masked layer's bias shares its weight's mask. A weight shared by two layers
+    (a tied LM head and embedding) is masked once, by the linear layer. A name is skipped when one of `skip`
+    is a run of its dotted components ("score" skips "base_model.model.score.modules_to_save.default").
+    Frozen layers (LoRA's base weights) have no gradient to mask.
     """
-    found = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, Conv1D)) or not module.weight.requires_grad:
-            continue
-        if any(f".{s}." in f".{name}." for s in skip):
-            continue
-        found[name] = (module, 1 if isinstance(module, Conv1D) else 0)  # Conv1D stores [in, out]
+    if scope not in ("linear", "all"):
+        raise BequestError(f"MIGU scope {scope!r} is unknown; use 'linear' (the paper) or 'all'")
+    found, seen = {}, set()
+    kinds = [lambda m: isinstance(m, (nn.Linear, Conv1D))]
+    if scope == "all":
+        kinds += [lambda m: isinstance(m, nn.Embedding) or _is_norm(m)]
+    for kind in kinds:  # linear layers first, so a tied weight takes the LM head's rows
+        for name, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            if not kind(module) or not isinstance(weight, nn.Parameter) or not weight.requires_grad:
+                continue
+            if id(weight) in seen or any(f".{s}." in f".{name}." for s in skip):
+                continue
+            seen.add(id(weight))
+            # Conv1D stores [in, out] and an embedding [vocab, features]: their features are columns.
+            found[name] = (module, 1 if isinstance(module, (Conv1D, nn.Embedding)) else 0)
     return found
 
 
@@ -74,12 +91,13 @@ class MIGU(transformers.TrainerCallback):
     """Mask each step's gradient rows to the layers' largest output magnitudes (or random rows)."""
 
     def __init__(self, model: nn.Module, threshold: float = 0.7, *, random: bool = False,
-                 skip: tuple[str, ...] = (), seed: int = 0, hold: bool = False):
+                 skip: tuple[str, ...] = (), seed: int = 0, hold: bool = False, scope: str = "linear"):
         if not 0.0 <= threshold < 1.0:
             raise BequestError(f"MIGU threshold {threshold} is outside [0, 1); it is the fraction of rows masked")
         self.model, self.threshold, self.random, self.seed, self.hold = model, threshold, random, seed, hold
         self._held: list = []  # (weight, axis, masked row indices, their values before the step)
-        self.layers = maskable(model, skip)
+        self.layers = maskable(model, skip, scope)
+        self.scope = scope
         if not self.layers:
             raise BequestError("MIGU found no trainable linear layer to mask; is everything frozen or skipped?")
         sizes = [m.weight.shape[axis] for m, axis in self.layers.values()]
@@ -151,14 +169,22 @@ class MIGU(transformers.TrainerCallback):
             masks = {name: keep_top(s, self.threshold) for name, s in self.stats.items()}
         for name, keep in masks.items():
             module, axis = self.layers[name]
-            grad = module.weight.grad
-            if grad is not None:
-                grad.mul_(keep.to(grad.dtype).view((-1, 1) if axis == 0 else (1, -1)))
-            if self.hold:
-                rows = (~keep).nonzero().squeeze(1)
-                w = module.weight.detach()
-                self._held.append((w, axis, rows, w.index_select(axis, rows)))
+            for param, ax in self._params(module, axis):
+                if param.grad is not None:
+                    shape = [-1 if d == ax else 1 for d in range(param.dim())]  # broadcast along the feature axis
+                    param.grad.mul_(keep.to(param.grad.dtype).view(shape))
+                if self.hold:
+                    rows = (~keep).nonzero().squeeze(1)
+                    w = param.detach()
+                    self._held.append((w, ax, rows, w.index_select(ax, rows)))
         self.masks = masks
+
+    def _params(self, module: nn.Module, axis: int) -> list[tuple[nn.Parameter, int]]:
+        """The parameters a layer's mask applies to, each with its feature axis: the weight, and under scope
+        `all` a trainable bias too."""
+        bias = getattr(module, "bias", None)
+        extra = self.scope == "all" and isinstance(bias, nn.Parameter) and bias.requires_grad
+        return [(module.weight, axis)] + ([(bias, 0)] if extra else [])
 
     def restore(self) -> None:
         """Put the masked rows back as they were before the optimizer step (`hold`; see the module notes)."""
