@@ -236,8 +236,9 @@ def _lora(model):
                                             modules_to_save=["classifier"]))
 
 
-@pytest.mark.parametrize("family,lora", [("gpt2", False), ("bert", True)])
-def test_masked_rows_receive_no_update(tmp_path, family, lora):
+@pytest.mark.parametrize("family,lora,scope", [("gpt2", False, "linear"), ("bert", True, "linear"),
+                                               ("gpt2", False, "all"), ("llama", False, "all")])
+def test_masked_rows_receive_no_update(tmp_path, family, lora, scope):
     model, tokenizer = _classifier(family)
     if lora:
         model = _lora(model)
@@ -246,19 +247,25 @@ def test_masked_rows_receive_no_update(tmp_path, family, lora):
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.1)
-    migu = MIGU(model, 0.7, skip=("classifier", "score"))
+    migu = MIGU(model, 0.7, skip=("classifier", "score"), scope=scope)
     if lora:
         assert migu.layers and all("lora_A" in n or "lora_B" in n for n in migu.layers)
-    before = {n: m.weight.detach().clone() for n, (m, _) in migu.layers.items()}
+    params = {(name, k): (p, ax) for name, (m, axis) in migu.layers.items() for k, (p, ax) in enumerate(migu._params(m, axis))}
+    if scope == "all":  # embeddings, norms (LayerNorm, Llama's RMSNorm) and biases (GPT-2 has them) are in
+        assert any(p.dim() == 1 and k == 0 for (_, k), (p, _) in params.items())
+        assert any(isinstance(migu.layers[n][0], nn.Embedding) for n in migu.layers)
+        assert any(k == 1 for _, k in params) == (family == "gpt2")
+    before = {key: p.detach().clone() for key, (p, _) in params.items()}
     # One step from a fresh AdamW without weight decay: a zero gradient row moves by exactly nothing.
     spec = TrainFields(steps=1, batch_size=8, lr=1e-2, warmup=0, weight_decay=0.0, eval_every=100, save_every=100)
     train(model, tokenizer, "seq_cls", *_kind_sets(tokenizer), tmp_path, spec, callbacks=[migu],
           trainer_class=MIGUTrainer, resume=False, progress=False)
-    for name, (module, axis) in migu.layers.items():
+    for (name, k), (p, ax) in params.items():
         keep = migu.masks[name]
-        moved = (module.weight.detach() != before[name]).any(dim=1 - axis)  # per output feature
-        assert not moved[~keep].any(), name
-        assert moved[keep].any(), name
+        changed = p.detach() != before[(name, k)]
+        moved = changed.movedim(ax, 0).reshape(keep.numel(), -1).any(1)  # per output feature
+        assert not moved[~keep].any(), (name, k)
+        assert moved[keep].any(), (name, k)
         assert int(keep.sum()) == keep.numel() - int(0.7 * keep.numel() + 1e-9)
 
 
