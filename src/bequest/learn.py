@@ -18,8 +18,9 @@ Methods: `seq` (plain sequential fine-tuning), `migu` (the MIGU mask from the se
 `bequest.engine.migu`), `replay` (rehearsal: a bounded memory of earlier tasks' training examples, mixed
 into each later task's training set so that a `--replay-fraction` of the examples are replayed),
 `migu+replay`, and `random-mask` (as many rows masked as MIGU, chosen at random: the ablation).
-Full fine-tuning or LoRA (`--lora`: the LoRA A and B matrices are trained and masked, base weights frozen,
-the head trained in full). Each task is one run of the engine (fresh AdamW and schedule); an
+`--scope all` masks embeddings, norms and biases too (the paper leaves them free; in full fine-tuning
+they carry much of what is forgotten). Full fine-tuning or LoRA (`--lora`: the LoRA A and B matrices are
+trained and masked, base weights frozen, the head trained in full). Each task is one run of the engine (fresh AdamW and schedule); an
 interrupted stream starts again from its first task.
 """
 

@@ -5,9 +5,15 @@ A `TrainerCallback` plus forward hooks. During each optimizer step, every masked
 adds up, per OUTPUT feature, the L1 magnitude of its output over the step's real tokens: padding is
 left out (the original code counted it). Before the optimizer step the statistic is summed across
 processes, and in every layer the gradient rows of the fraction T with the smallest magnitude are
-zeroed, so only the top (1 - T) rows learn. Biases, embeddings, norms and the layers named in `skip`
-(task heads) are never masked.
+zeroed, so only the top (1 - T) rows learn. As in the paper, biases, embeddings and norms are not masked;
+the layers named in `skip` (task heads) never are.
 
+- Scope `all` (off by default; not in the paper): embeddings and norms are measured and masked the same
+  way, per output feature (an embedding's columns, a norm's entries), and a masked layer's bias shares
+  its weight's mask. In full fine-tuning of a small model these carry much of the drift: on the continual
+  benchmark's full fine-tuning streams (MIGU@0.9) forgetting fell from 17.7 points (linear layers only) to
+  10.3 (seq: 23.7), and average accuracy rose by 5.9 points over seq instead of 2.5. It costs more hooks:
+  a 12% step overhead on that 64-wide model, against 8% for the linear layers alone.
 - Kept rows: exactly n - floor(T * n) per layer, the largest by `topk` (a quantile threshold would keep
   more or fewer under ties and interpolation). A fused matrix (GPT-2's qkv) is one layer.
 - Gradient accumulation: the hooks accumulate over every micro-batch of the step (the callback resets
