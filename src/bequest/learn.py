@@ -20,8 +20,8 @@ into each later task's training set so that a `--replay-fraction` of the example
 `migu+replay`, and `random-mask` (as many rows masked as MIGU, chosen at random: the ablation).
 `--scope all` masks embeddings, norms and biases too (the paper leaves them free; in full fine-tuning
 they carry much of what is forgotten). Full fine-tuning or LoRA (`--lora`: the LoRA A and B matrices are
-trained and masked, base weights frozen, the head trained in full). Each task is one run of the engine (fresh AdamW and schedule); an
-interrupted stream starts again from its first task.
+trained and masked, base weights frozen, the head trained in full). Each task is one run of the engine
+(fresh AdamW and schedule); an interrupted stream starts again from its first task.
 """
 
 from __future__ import annotations

@@ -60,9 +60,10 @@ def keep_random(n: int, threshold: float, generator: torch.Generator) -> torch.T
 
 
 def _is_norm(module: nn.Module) -> bool:
-    # LayerNorm, or any family's RMSNorm class: a per-feature gain of the width of its output.
+    """LayerNorm, or a family's own RMSNorm class: a per-feature gain as wide as its output."""
     w = getattr(module, "weight", None)
-    return isinstance(module, nn.LayerNorm) or (type(module).__name__.endswith("Norm") and isinstance(w, nn.Parameter) and w.dim() == 1)
+    own = type(module).__name__.endswith("Norm") and isinstance(w, nn.Parameter) and w.dim() == 1
+    return isinstance(module, nn.LayerNorm) or own
 
 
 def maskable(model: nn.Module, skip: tuple[str, ...] = (), scope: str = "linear") -> dict[str, tuple[nn.Module, int]]:
@@ -101,7 +102,7 @@ class MIGU(transformers.TrainerCallback):
         if not 0.0 <= threshold < 1.0:
             raise BequestError(f"MIGU threshold {threshold} is outside [0, 1); it is the fraction of rows masked")
         self.model, self.threshold, self.random, self.seed, self.hold = model, threshold, random, seed, hold
-        self._held: list = []  # (weight, axis, masked row indices, their values before the step)
+        self._held: list = []  # (parameter, axis, masked row indices, their values before the step)
         self.layers = maskable(model, skip, scope)
         self.scope = scope
         if not self.layers:
