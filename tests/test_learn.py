@@ -250,7 +250,7 @@ def test_masked_rows_receive_no_update(tmp_path, family, lora, scope):
     migu = MIGU(model, 0.7, skip=("classifier", "score"), scope=scope)
     if lora:
         assert migu.layers and all("lora_A" in n or "lora_B" in n for n in migu.layers)
-    params = {(name, k): (p, ax) for name, (m, axis) in migu.layers.items() for k, (p, ax) in enumerate(migu._params(m, axis))}
+    params = {(name, k): (p, ax) for name, targets in migu.targets.items() for k, (p, ax) in enumerate(targets)}
     if scope == "all":  # embeddings, norms (LayerNorm, Llama's RMSNorm) and biases (GPT-2 has them) are in
         assert any(p.dim() == 1 and k == 0 for (_, k), (p, _) in params.items())
         assert any(isinstance(migu.layers[n][0], nn.Embedding) for n in migu.layers)

@@ -94,6 +94,12 @@ def maskable(model: nn.Module, skip: tuple[str, ...] = (), scope: str = "linear"
     return found
 
 
+def _targets(module: nn.Module, axis: int, scope: str) -> list[tuple[nn.Parameter, int]]:
+    bias = getattr(module, "bias", None)
+    with_bias = scope == "all" and isinstance(bias, nn.Parameter) and bias.requires_grad
+    return [(module.weight, axis)] + ([(bias, 0)] if with_bias else [])
+
+
 class MIGU(transformers.TrainerCallback):
     """Mask each step's gradient rows to the layers' largest output magnitudes (or random rows)."""
 
@@ -104,7 +110,8 @@ class MIGU(transformers.TrainerCallback):
         self.model, self.threshold, self.random, self.seed, self.hold = model, threshold, random, seed, hold
         self._held: list = []  # (parameter, axis, masked row indices, their values before the step)
         self.layers = maskable(model, skip, scope)
-        self.scope = scope
+        # What each layer's mask applies to, with the feature axis: its weight, and under scope `all` a bias too.
+        self.targets = {name: _targets(module, axis, scope) for name, (module, axis) in self.layers.items()}
         if not self.layers:
             raise BequestError("MIGU found no trainable linear layer to mask; is everything frozen or skipped?")
         sizes = [m.weight.shape[axis] for m, axis in self.layers.values()]
@@ -175,23 +182,15 @@ class MIGU(transformers.TrainerCallback):
             self._all_reduce(self.flat)  # every process calls it, gradients or not
             masks = {name: keep_top(s, self.threshold) for name, s in self.stats.items()}
         for name, keep in masks.items():
-            module, axis = self.layers[name]
-            for param, ax in self._params(module, axis):
+            rows = (~keep).nonzero().squeeze(1) if self.hold else None
+            for param, ax in self.targets[name]:
                 if param.grad is not None:
                     shape = [-1 if d == ax else 1 for d in range(param.dim())]  # broadcast along the feature axis
                     param.grad.mul_(keep.to(param.grad.dtype).view(shape))
                 if self.hold:
-                    rows = (~keep).nonzero().squeeze(1)
                     w = param.detach()
                     self._held.append((w, ax, rows, w.index_select(ax, rows)))
         self.masks = masks
-
-    def _params(self, module: nn.Module, axis: int) -> list[tuple[nn.Parameter, int]]:
-        """The parameters a layer's mask applies to, each with its feature axis: the weight, and under scope
-        `all` a trainable bias too."""
-        bias = getattr(module, "bias", None)
-        extra = self.scope == "all" and isinstance(bias, nn.Parameter) and bias.requires_grad
-        return [(module.weight, axis)] + ([(bias, 0)] if extra else [])
 
     def restore(self) -> None:
         """Put the masked rows back as they were before the optimizer step (`hold`; see the module notes)."""
