@@ -93,7 +93,7 @@ def measure(args, work: Path, c: dict) -> None:
     h = hosts(work, c)
     hosts_seconds = time.perf_counter() - t0
     recipe = StudyRecipe(
-        out=str(work / "study"), task="domain", types=c["types"], inits=c["inits"], seeds=c["seeds"],
+        out=str(work / "study"), data="domain", types=c["types"], inits=c["inits"], seeds=c["seeds"],
         pairs=[Pair(name="A->B (same shape)", source=str(h["a"]), target=str(h["b"])),
                Pair(name="A->G (grown)", source=str(h["a"]), target=str(h["g"]))],
         source_steps=c["source_steps"], steps=c["steps"], eval_every=c["eval_every"], batch_size=c["batch"],

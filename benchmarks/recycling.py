@@ -42,7 +42,7 @@ FULL = dict(vocab=4000, seq_len=64, base=dict(layers=2, hidden=64, heads=2), pre
             train_examples=None, eval_examples=200, batch=16, seeds=(0, 1, 2))
 OLD_DOMAIN, NEW_DOMAIN = "text", "data"
 LR = {"full": 1e-3, "lora": 5e-3}
-KD = dict(beta=0.1, temperature=2.0)
+KD = dict(beta=0.1, tau=2.0)
 
 
 def verdict(summary: dict) -> tuple[dict, dict]:

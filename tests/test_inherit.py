@@ -17,7 +17,8 @@ from bequest.anatomy import anatomy
 from bequest.engine import TrainFields, forward_flops_per_token, train, train_flops_per_token
 from bequest.engine.kd import KD, KDTrainer, TeacherMeter, TopKTable, alpha_at, kd_loss, precompute_topk
 from bequest.errors import BequestError
-from bequest.inherit import InheritRecipe, inherit, same_tokenizer
+from bequest.data import same_tokenizer
+from bequest.inherit import InheritRecipe, inherit
 from bequest.io import load_model, read_lineage, write_model
 from bequest.pretrain import PretrainRecipe, pretrain
 from conftest import probe, tiny

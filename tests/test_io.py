@@ -48,7 +48,7 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
         (folder / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(io, "write_model", boom)
+    monkeypatch.setattr(io.models, "write_model", boom)
     with pytest.raises(KeyboardInterrupt):
         io.save_model(tmp_path / "m", tiny("gpt2", "causal_lm"), operation="test")
     assert list(tmp_path.iterdir()) == []

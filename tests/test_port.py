@@ -13,7 +13,7 @@ from bequest.errors import BequestError
 from bequest.grow.command import GrowRecipe, grow_command
 from bequest.io import save_model
 from bequest.port import KINDS, PortRecipe, attach, module_of, new_config, port, read_module, with_module, write_module
-from bequest.port.modules import load_host
+from bequest.io import load_model
 from conftest import LM_TASK, probe, tiny
 
 EXACT = 1e-5
@@ -33,7 +33,7 @@ def host(folder, family="gpt2", seed=0, task="", parent=None, **shape):
 
 def trained_module(host_dir, kind, folder, seed=1):
     """A module on `host_dir` with every tensor moved off its init (LoRA B, adapters' up are 0 there)."""
-    model, _ = load_host(host_dir, "seq_cls", 3, tokenizer=False)
+    model, _ = load_model(host_dir, "seq_cls", num_labels=3, with_tokenizer=False)
     torch.manual_seed(seed)
     model = with_module(model, new_config(kind, model, rank=4, virtual_tokens=3, bottleneck=8, style="houlsby"))
     with torch.no_grad():
@@ -45,7 +45,7 @@ def trained_module(host_dir, kind, folder, seed=1):
 
 
 def on_host(host_dir, module_dir):
-    model, _ = load_host(host_dir, "seq_cls", 3, tokenizer=False)
+    model, _ = load_model(host_dir, "seq_cls", num_labels=3, with_tokenizer=False)
     return attach(model, read_module(module_dir)).eval()
 
 
@@ -80,14 +80,14 @@ def test_ported_folder_is_a_plain_peft_adapter(kind, tmp_path):
     trained_module(a, kind, tmp_path / "m")
     port(PortRecipe(adapter=str(tmp_path / "m"), to=str(b), out=str(tmp_path / "p")))
     ours = on_host(b, tmp_path / "p")
-    theirs = PeftModel.from_pretrained(load_host(b, "seq_cls", 3, tokenizer=False)[0], str(tmp_path / "p")).eval()
+    theirs = PeftModel.from_pretrained(load_model(b, "seq_cls", num_labels=3, with_tokenizer=False)[0], str(tmp_path / "p")).eval()
     assert max_change(ours, theirs, probe()) == 0
 
 
 def test_bottleneck_folder_loads_with_bequest_adapters(tmp_path):
     a = host(tmp_path / "a")
     model = trained_module(a, "bottleneck", tmp_path / "m")
-    again = adapters.load_bottleneck(load_host(a, "seq_cls", 3, tokenizer=False)[0], tmp_path / "m").eval()
+    again = adapters.load_bottleneck(load_model(a, "seq_cls", num_labels=3, with_tokenizer=False)[0], tmp_path / "m").eval()
     assert max_change(model, again, probe()) == 0
 
 
@@ -107,7 +107,7 @@ def test_module_ported_to_a_grown_host_computes_the_same(family, width, target, 
     report = port(PortRecipe(adapter=str(tmp_path / "m"), to=str(tmp_path / "g"), out=str(tmp_path / "p")))
     assert report["mode"] == "grown" and report["tensors"]["grown"] > 0
     # The module acts (compared with the bare host), and acts the same on the grown host.
-    bare = load_host(a, "seq_cls", 3, tokenizer=False)[0].eval()
+    bare = load_model(a, "seq_cls", num_labels=3, with_tokenizer=False)[0].eval()
     assert max_change(original, bare, probe()) > 0.05
     assert max_change(original, on_host(tmp_path / "g", tmp_path / "p"), probe()) <= EXACT
 
@@ -130,7 +130,7 @@ def test_port_follows_a_grown_host_trained_further(tmp_path):
     a = host(tmp_path / "a")
     grow_command(GrowRecipe(src=str(a), out=str(tmp_path / "g"), **ODD))
     later = tmp_path / "g2"
-    model, _ = load_host(tmp_path / "g", "causal_lm", tokenizer=False)
+    model, _ = load_model(tmp_path / "g", "causal_lm", with_tokenizer=False)
     save_model(later, model, operation="continue", parent=str(tmp_path / "g"))
     trained_module(a, "lora", tmp_path / "m")
     report = port(PortRecipe(adapter=str(tmp_path / "m"), to=str(later), out=str(tmp_path / "p")))
@@ -251,7 +251,7 @@ def test_study_runs_the_grid_resumes_and_reports(tmp_path, capsys):
     recipe = dict(out=str(tmp_path / "study"), pairs=[Pair(name="same", source=str(a), target=str(a)),
                                                       Pair(name="grown", source=str(a), target=str(tmp_path / "g"))],
                   types="lora,bottleneck", inits="ported,sampled", seeds=[0], source_steps=2, steps=2, eval_every=1,
-                  batch_size=4, warmup=0, max_len=16, train_examples=16, eval_examples=8, task="kind")
+                  batch_size=4, warmup=0, max_len=16, train_examples=16, eval_examples=8, data="kind")
     result = study(StudyRecipe(**recipe))
     assert result["runs"] == 8 and len(result["summary"]) == 8
     rows = [json.loads(r) for r in (tmp_path / "study" / "results.jsonl").read_text().splitlines()]

@@ -9,12 +9,14 @@ from typer.testing import CliRunner
 
 from bequest.analyze import AnalyzeRecipe, analyze, evaluate, interpolate, weight_stats
 from bequest.engine import labelled
-from bequest.finetune import FinetuneRecipe, finetune, load_tokenizer, task_splits
+from bequest.data.prepare import task_splits
+from bequest.finetune import FinetuneRecipe, finetune
+from bequest.io import load_tokenizer
 from bequest.io import load_model, partial_dir, read_lineage
 from bequest.port.modules import read_module
 from bequest.pretrain import PretrainRecipe, pretrain
 from bequest.recycle import (
-    ContinueRecipe, RecycleRecipe, continue_pretrain, delta_init, is_head, kd_trainer, recycle,
+    ContinueRecipe, RecycleRecipe, continue_pretrain, delta_init, kd_trainer, recycle,
 )
 from conftest import probe, tiny
 
@@ -59,13 +61,13 @@ def test_delta_init_onto_an_unchanged_base_reproduces_the_tuned_model_exactly(fa
     new = tiny(family, lm, seed=2)
     moved = delta_init(base, new, tuned)
     old_p, new_p = dict(base.named_parameters()), dict(new.named_parameters())
-    from bequest.anatomy import anatomy
+    from bequest.anatomy import TASK_ROLES, anatomy
 
     a_base, a_tuned = anatomy(base), anatomy(tuned)
     base_names = a_base.names(old_p)
     for name, slot in a_tuned.slots(dict(tuned.named_parameters())).items():
         got, had = moved.get_parameter(name), tuned.get_parameter(name)
-        if is_head(slot.role):
+        if slot.role in TASK_ROLES:
             assert torch.equal(got, had), name
         else:
             b = base_names[str(slot)]

@@ -20,32 +20,28 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 import transformers
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from bequest.anatomy import anatomy
+from bequest.data.prepare import task_splits
+from bequest.engine.data import labelled
 from bequest.errors import BequestError
-from bequest.finetune import task_splits
-from bequest.io import atomic_dir, check_output, load_model
+from bequest.io import atomic_dir, check_output, load_model, save_recipe
+from bequest.recipe import OutputFields, TaskFields
 
 Kind = Literal["lmc", "weights", "similarity"]
 
 
-class AnalyzeRecipe(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class AnalyzeRecipe(TaskFields, OutputFields):
     kind: Kind = Field(
         "lmc", description="lmc (loss along the line a -> b), weights (distance, cosine), similarity (CKA heat map)"
     )
     a: str = Field(..., description="first model folder (its tokenizer encodes the inputs)")
     b: str = Field(..., description="second model folder, same shape as a")
     out: str = Field(..., description="output folder: KIND.json and KIND.png")
-    data: str = Field("domain", description="embedded task or labelled file whose validation texts are the inputs")
     points: int = Field(21, ge=2, description="values of lambda from 0 to 1 (lmc)")
     features: Literal["hidden", "attention"] = Field("hidden", description="what similarity compares per layer")
-    max_len: int = Field(64, ge=8, description="tokens per example (texts are truncated)")
-    eval_examples: int = Field(200, ge=1, description="validation examples used")
     batch_size: int = Field(32, ge=1, description="examples per forward pass")
-    overwrite: bool = Field(False, description="replace an existing output folder")
 
 
 # ---------------------------------------------------------------- weights
@@ -203,8 +199,6 @@ def analyze(r: AnalyzeRecipe) -> dict:
     if r.kind == "weights":
         result = weight_stats(a, b)
     else:
-        from bequest.engine import labelled
-
         _, texts = task_splits(r.data, eval_examples=r.eval_examples)
         encoded = labelled(texts, tokenizer, r.max_len)
         if r.kind == "lmc":
@@ -220,6 +214,7 @@ def analyze(r: AnalyzeRecipe) -> dict:
     with atomic_dir(r.out, r.overwrite) as folder:
         (folder / f"{r.kind}.json").write_text(json.dumps(result, indent=1))
         fig.savefig(folder / f"{r.kind}.png", dpi=120, bbox_inches="tight")
+        save_recipe(folder, r.model_dump(exclude={"overwrite"}))
     if r.kind == "lmc":
         summary = f"loss barrier {result['loss_barrier']:.4f}"
     elif r.kind == "weights":

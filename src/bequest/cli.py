@@ -75,6 +75,11 @@ def verb(group: typer.Typer, name: str, recipe_cls: type[BaseModel], run: Callab
                 help_text += f" (default: {info.default})"
             default = typer.Option(None, flag, help=help_text, show_default=False)
         params.append(inspect.Parameter(field, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind | None))
+    old_names = getattr(recipe_cls, "old_names", dict)()
+    for old, new in old_names.items():  # renamed flags keep their old spelling for a release, unlisted
+        hidden = typer.Option(None, "--" + old.replace("_", "-"), hidden=True, help=f"old name of --{new.replace('_', '-')}")
+        kind = _cli_type(recipe_cls.model_fields[new].annotation)
+        params.append(inspect.Parameter(old, inspect.Parameter.KEYWORD_ONLY, default=hidden, annotation=kind | None))
     params.append(
         inspect.Parameter(
             "recipe",

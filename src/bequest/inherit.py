@@ -14,74 +14,53 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import transformers
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from bequest.anatomy import FAMILIES, anatomy, build_model, make_config
-from bequest.engine import (
-    TrainFields, forward_flops_per_token, prepare_work, processes, train, train_flops_per_token,
-)
+from bequest.data import same_tokenizer
+from bequest.data.prepare import lm_splits, special_ids, text_splits
+from bequest.engine import forward_flops_per_token, prepare_work, processes, train, train_flops_per_token
 from bequest.engine.kd import KD, SCHEDULES, KDTrainer, TeacherMeter, TopKTable, precompute_topk
 from bequest.errors import BequestError
-from bequest.io import atomic_dir, check_output, load_model, write_model
-from bequest.pretrain import Family, corpus_splits, lm_splits, load_lm
+from bequest.io import atomic_dir, check_output, load_lm, load_model, write_model
+from bequest.recipe import CorpusFields, Family, GrowFields, KDFields, OutputFields, SizeFields, TrainFields
 
 Init = Literal["scratch", "grow"]
 REPORTED = ("eval_loss", "tokens", "flops", "teacher_flops", "flops_with_teacher", "t_ki")
 
 
-class Generation(BaseModel):
+class Generation(SizeFields):
     """One student of a chain; unset sizes come from the generation before (head size, ratios kept)."""
 
-    model_config = ConfigDict(extra="forbid")
-
     family: Family | None = Field(None, description="student family (default: the recipe's, else its teacher's)")
-    layers: int | None = Field(None, ge=1, description="transformer blocks")
-    hidden: int | None = Field(None, ge=8, description="hidden size")
-    heads: int | None = Field(None, ge=1, description="attention heads")
-    kv_heads: int | None = Field(None, ge=1, description="KV heads (Llama-like)")
-    ffn: int | None = Field(None, ge=1, description="MLP width")
     init: Init | None = Field(None, description="'scratch' or 'grow' (default: the recipe's --init)")
     steps: int | None = Field(None, ge=1, description="optimizer steps for this generation (default: --steps)")
     t_ki: int | None = Field(None, ge=0, description="teacher steps for this generation (default: --t-ki)")
 
 
-class InheritRecipe(TrainFields):
+class InheritRecipe(SizeFields, GrowFields, KDFields, CorpusFields, TrainFields, OutputFields):
     out: str = Field(..., description="output model folder (a chain writes OUT/gen2, OUT/gen3, ... and summary.json)")
     teacher: str = Field(..., description="trained teacher model folder (causal or masked LM); its tokenizer is reused")
     student: str | None = Field(None, description="start the student from this model folder instead of a new shape")
     family: Family | None = Field(None, description="student family (default: the teacher's; needs the same LM head)")
-    layers: int | None = Field(None, ge=1, description="student blocks (default: the teacher's)")
-    hidden: int | None = Field(None, ge=8, description="student hidden size (default: the teacher's)")
-    heads: int | None = Field(None, ge=1, description="student attention heads (default: keep the teacher's head size)")
-    kv_heads: int | None = Field(None, ge=1, description="student KV heads, Llama-like (default: keep the group size)")
-    ffn: int | None = Field(None, ge=1, description="student MLP width (default: the teacher's ffn/hidden ratio)")
     init: Init = Field("scratch", description="student start: 'scratch' (random) or 'grow' (grown from the teacher)")
-    grow_width: str = Field("exact", description="width operator of bequest.grow for --init grow")
-    grow_depth: str = Field("identity", description="depth operator of bequest.grow for --init grow")
-    grow_noise: float = Field(0.0, ge=0.0, description="std of symmetry-breaking noise for --init grow")
     t_ki: int | None = Field(None, ge=0, description="steps the teacher teaches, T_KI (default: half of --steps)")
     alpha_schedule: Literal[SCHEDULES] = Field(
         "linear", description="alpha_t: linear (alpha*(1-t/T_KI), the paper's), constant, switch (alpha, 0 from T_KI)"
     )
-    alpha: float = Field(1.0, ge=0.0, le=1.0, description="alpha_0, the KL term's weight at step 0 (0: no teacher)")
-    tau: float = Field(2.0, gt=0.0, description="softmax temperature of the KL term")
     top_k: int | None = Field(None, ge=1, description="keep the teacher's K largest logits per position (default: all)")
     precompute: bool = Field(
         False, description="run the teacher once over the training set, keep its top-K logits (causal LM; --top-k)"
     )
-    seq_len: int = Field(128, ge=8, description="tokens per training block")
-    corpus: str = Field("default", description="'default' (embedded stdlib corpus) or a path to text/jsonl/csv/parquet")
-    domain: str | None = Field(None, description="one domain of the embedded corpus (default: all)")
-    eval_blocks: int = Field(64, ge=1, description="validation blocks evaluated each time")
-    overwrite: bool = Field(False, description="replace an existing output folder")
     generations: list[Generation] | None = Field(
         None,
         description="a chain of students, each taught by the one before (YAML list of shapes, or 'LAYERSxHIDDEN,...')",
     )
+    OLD_NAMES: ClassVar[dict[str, str]] = {"grow_width": "width", "grow_depth": "depth", "grow_noise": "noise"}
 
     @field_validator("generations", mode="before")
     @classmethod
@@ -104,13 +83,6 @@ class InheritRecipe(TrainFields):
 # ---------------------------------------------------------------- the student
 
 
-def same_tokenizer(a, b) -> bool:
-    """Same tokens with the same ids, and the same special tokens: then logits line up position by position."""
-    return a.get_vocab() == b.get_vocab() and a.all_special_tokens == b.all_special_tokens and all(
-        getattr(a, f"{k}_id") == getattr(b, f"{k}_id") for k in ("pad_token", "bos_token", "eos_token", "mask_token")
-    )
-
-
 def _shape(g: Generation, t) -> dict:
     """A generation's sizes; the defaults keep the teacher's (`t`, an Anatomy) head size and ratios."""
     hidden = g.hidden or t.hidden
@@ -127,22 +99,16 @@ def _shape(g: Generation, t) -> dict:
 
 def _student_config(family: str, shape: dict, t, tokenizer):
     """A fresh student config: the teacher's vocabulary and positions, the generation's sizes."""
-    specials = {f"{k}_id": getattr(tokenizer, f"{k}_id") for k in ("pad_token", "bos_token", "eos_token")}
     kv = shape["kv_heads"] if "kv_heads" in FAMILIES[family].config_keys else None
     return make_config(
         family, layers=shape["layers"], hidden=shape["hidden"], heads=shape["heads"], ffn=shape["ffn"], kv_heads=kv,
-        vocab=t.vocab, positions=t.positions - t.family.position_offset,
-        **{k: v for k, v in specials.items() if v is not None},
+        vocab=t.vocab, positions=t.usable_positions, **special_ids(tokenizer),
     )
-
-
-def _own_shape(r: InheritRecipe) -> dict:
-    return {k: getattr(r, k) for k in ("layers", "hidden", "heads", "kv_heads", "ffn")}
 
 
 def _check_choices(r: InheritRecipe) -> None:
     """Contradictory settings, refused before anything is loaded."""
-    shaped = any(v is not None for v in _own_shape(r).values())
+    shaped = any(v is not None for v in r.sizes().values())
     if r.generations is not None and (r.student or shaped):
         raise BequestError("--generations gives every student's shape; drop --student and the shape flags")
     if r.generations == []:
@@ -157,7 +123,7 @@ def _check_choices(r: InheritRecipe) -> None:
 
 def _plan(r: InheritRecipe, t, tokenizer) -> list[tuple[Generation, str, dict]]:
     """(generation, family, sizes) for every student, validated before any training starts."""
-    gens = r.generations if r.generations is not None else [Generation(**_own_shape(r))]
+    gens = r.generations if r.generations is not None else [Generation(**r.sizes())]
     plan, prev = [], t
     for g in gens:
         family = g.family or r.family or t.family.name
@@ -185,7 +151,7 @@ def _build(r: InheritRecipe, g: Generation, family: str, shape: dict, teacher, t
     if g.init == "grow":
         from bequest.grow import grow
 
-        model = grow(teacher, **shape, width=r.grow_width, depth=r.grow_depth, noise=r.grow_noise, seed=r.seed).model
+        model = grow(teacher, **shape, width=r.width, depth=r.depth, placement=r.placement, noise=r.noise, seed=r.seed).model
         return model.train()
     return build_model(_student_config(family, shape, t, tokenizer), t.task)
 
@@ -246,7 +212,7 @@ def inherit(r: InheritRecipe) -> dict:
     if r.precompute and t.task != "causal_lm":
         raise BequestError("precomputed logits need a causal LM (MLM masks change each epoch); drop --precompute")
 
-    train_text, eval_text = corpus_splits(r.corpus, r.domain)
+    train_text, eval_text = text_splits(r.corpus, r.domain)
     train_set, eval_set = lm_splits(train_text, eval_text, tokenizer, t.task, r)
 
     chain = r.generations is not None

@@ -44,25 +44,26 @@ from pydantic import Field, model_validator
 
 from bequest import data
 from bequest.anatomy import anatomy, build_model, family_of
-from bequest.engine import TrainFields, labelled, prepare_work, processes, train, train_flops_per_token
+from bequest.data.prepare import check_room
+from bequest.engine import labelled, prepare_work, processes, train, train_flops_per_token
 from bequest.engine.migu import MIGU, MIGUTrainer
 from bequest.errors import BequestError
 from bequest.io import atomic_dir, check_output, load_config, load_model, write_model
+from bequest.recipe import LoraFields, OutputFields, TrainFields, TuningFields, defaults
 
 Method = Literal["seq", "migu", "replay", "migu+replay", "random-mask"]
 Classify = Literal["head", "generate"]
 Scope = Literal["linear", "all"]
 
 
-class LearnRecipe(TrainFields):
+@defaults(max_len=128, eval_examples=300)
+class LearnRecipe(TuningFields, LoraFields, TrainFields, OutputFields):
     model: str = Field(..., description="model folder to fine-tune (any family; --classify generate needs a causal LM)")
     out: str = Field(..., description="output folder: matrix.json, metrics.json, heatmap.png and the final model")
     tasks: str = Field(",".join(data.TASKS), description="comma-separated embedded tasks, trained in this order")
     method: Method = Field("migu", description="continual-learning method")
     classify: Classify = Field("head", description="'head' (a classifier per task's labels) or 'generate' (the LM names the label)")
     lora: bool = Field(False, description="train LoRA adapters (and the head) instead of every weight")
-    lora_rank: int = Field(8, ge=1, description="rank of the LoRA matrices")
-    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / rank)")
     threshold: float = Field(0.7, ge=0.0, lt=1.0, description="MIGU's T: fraction of each layer's output rows whose gradient is zeroed (migu, random-mask)")
     scope: Scope = Field("linear", description="what MIGU masks: 'linear' layers (the paper), or 'all': embeddings, norms and biases too, by the same output-feature magnitudes")
     hold: bool = Field(False, description="masked rows keep their values through the optimizer step (AdamW's momentum and weight decay would otherwise still move them)")
@@ -70,11 +71,7 @@ class LearnRecipe(TrainFields):
     replay_memory: int = Field(1000, ge=1, description="earlier tasks' examples kept for replay, shared equally among them")
     steps_per_task: int | None = Field(None, ge=1, description="optimizer steps on each task (default 100)")
     steps: int | None = Field(None, ge=1, description="the same as --steps-per-task, under the name other verbs use")
-    max_len: int = Field(128, ge=8, description="tokens per example (texts are truncated)")
-    eval_examples: int = Field(300, ge=1, description="validation examples per task in each evaluation")
-    train_examples: int | None = Field(None, ge=1, description="training examples per task (default: all of them)")
     save_every: int = Field(1_000_000, ge=1, description="checkpoint every N steps within a task, for inspection only: a stream restarts from its first task (default: never)")
-    overwrite: bool = Field(False, description="replace an existing output folder")
 
     @model_validator(mode="after")
     def _one_step_count(self):
@@ -356,8 +353,7 @@ def _prepare(r: LearnRecipe):
     a = anatomy(model)
     if tokenizer is None:
         raise BequestError(f"{r.model} has no tokenizer.json; save the tokenizer beside the model")
-    if r.max_len > a.positions - a.family.position_offset:
-        raise BequestError(f"--max-len {r.max_len} exceeds the model's {a.positions - a.family.position_offset} positions; lower it")
+    check_room(a, r.max_len, "--max-len")
     if r.classify == "head":
         model = _union_head(model, [f"{t.name}:{label}" for t in tasks for label in t.labels], r.seed)
     build = _head_task if r.classify == "head" else _generate_task

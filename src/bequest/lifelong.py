@@ -47,10 +47,11 @@ from pydantic import Field, field_validator
 
 from bequest import data
 from bequest.anatomy import FAMILIES, anatomy, build_model, make_config
-from bequest.engine import TrainFields, lm_blocks, prepare_work, processes, train, train_flops_per_token
+from bequest.data.prepare import check_room, domain_texts, special_ids
+from bequest.engine import lm_blocks, prepare_work, processes, train, train_flops_per_token
 from bequest.errors import BequestError
 from bequest.io import atomic_dir, check_output, load_model, write_model
-from bequest.pretrain import Family
+from bequest.recipe import BlockFields, GrowFields, OutputFields, ShapeFields, TrainFields, defaults
 
 Method = Literal["elle", "naive", "replay", "grow"]
 # What each method does at every stage after the first.
@@ -63,7 +64,8 @@ METHODS = {
 SIZES = ("hidden", "heads", "kv_heads", "ffn", "layers")
 
 
-class LifelongRecipe(TrainFields):
+@defaults(seq_len=64, eval_blocks=32)
+class LifelongRecipe(ShapeFields, GrowFields, BlockFields, TrainFields, OutputFields):
     out: str = Field(..., description="output folder: one model folder per stage, metrics.json, ap.png, domains.png")
     steps: int = Field(200, ge=1, description="optimizer steps of training on each new domain")
     domains: str = Field(
@@ -72,21 +74,11 @@ class LifelongRecipe(TrainFields):
     )
     method: Method = Field("elle", description="elle, or a baseline: naive, replay (replay only), grow (growth only)")
     base: str | None = Field(None, description="start from this causal LM folder (default: a fresh model, shape below)")
-    family: Family = Field("gpt2", description="fresh model family (causal: gpt2, llama, mistral, qwen2)")
-    layers: int = Field(2, ge=1, description="fresh model's transformer blocks")
-    hidden: int = Field(64, ge=8, description="fresh model's hidden size")
-    heads: int = Field(4, ge=1, description="fresh model's attention heads")
-    kv_heads: int | None = Field(None, ge=1, description="fresh model's KV heads (Llama-like)")
-    ffn: int | None = Field(None, ge=1, description="fresh model's MLP width (default 4 x hidden)")
-    vocab: int = Field(8000, ge=300, description="tokenizer vocabulary for a fresh model, trained locally")
     grow_schedule: str = Field(
         "hidden+32,layers+1",
         description="growth before each new domain: 'hidden+32,layers+1' every time, or one per growth separated "
         "by ';' (the last repeats); 'key=N' sets a size; keys: hidden, heads, kv_heads, ffn, layers",
     )
-    width: str = Field("exact", description="width operator of bequest.grow (exact, fpi, aki)")
-    depth: str = Field("identity", description="depth operator of bequest.grow (identity, stack, interleave, solar)")
-    noise: float = Field(0.0, ge=0.0, description="std of symmetry-breaking noise on grown tensors")
     warmup_steps: int = Field(
         10, ge=0, description="function-recovering warm-up: steps on memory of earlier domains after growth (elle)"
     )
@@ -98,9 +90,6 @@ class LifelongRecipe(TrainFields):
     budget_flops: float | None = Field(
         None, gt=0, description="training FLOPs per domain (warm-up included); sets each stage's steps over --steps"
     )
-    seq_len: int = Field(64, ge=8, description="tokens per block (a prompt adds one)")
-    eval_blocks: int = Field(32, ge=1, description="validation blocks per domain for perplexity")
-    overwrite: bool = Field(False, description="replace an existing output folder")
 
     @field_validator("grow_schedule")
     @classmethod
@@ -232,10 +221,6 @@ def _domain_name(spec: str) -> str:
     return spec if spec in data.DOMAINS else Path(spec).stem
 
 
-def _texts(spec: str, split: str):
-    return data.load_corpus(spec, split) if spec in data.DOMAINS else data.load_text_files(spec, split)
-
-
 def _tokenizer_and_model(r: LifelongRecipe, specs: list[str], names: list[str], prompts: bool):
     if r.base:
         model, tokenizer = load_model(r.base)
@@ -243,7 +228,7 @@ def _tokenizer_and_model(r: LifelongRecipe, specs: list[str], names: list[str], 
             raise BequestError(f"{r.base} has no tokenizer.json; save the tokenizer beside the model")
     else:
         fam = FAMILIES[r.family]
-        own = None if all(s in data.DOMAINS for s in specs) else [t for s in specs for t in _texts(s, "train")["text"]]
+        own = None if all(s in data.DOMAINS for s in specs) else [t for s in specs for t in domain_texts(s, "train")["text"]]
         tokenizer = data.train_tokenizer(fam.tokenizer, r.vocab, texts=own)
     if prompts:  # every domain's prompt up front: the vocabulary stays fixed through the stream
         tokenizer.add_tokens([prompt_token(n) for n in names], special_tokens=True)
@@ -253,16 +238,13 @@ def _tokenizer_and_model(r: LifelongRecipe, specs: list[str], names: list[str], 
         if prompts and len(tokenizer) > anatomy(model).vocab:
             model.resize_token_embeddings(len(tokenizer))
     else:
-        specials = {f"{k}_id": getattr(tokenizer, f"{k}_id") for k in ("pad_token", "bos_token", "eos_token")}
         config = make_config(
             r.family, layers=r.layers, hidden=r.hidden, heads=r.heads, ffn=r.ffn, kv_heads=r.kv_heads,
-            vocab=len(tokenizer), positions=r.seq_len + prompts, **{k: v for k, v in specials.items() if v is not None},
+            vocab=len(tokenizer), positions=r.seq_len + prompts, **special_ids(tokenizer),
         )
         transformers.set_seed(r.seed)
         model = build_model(config, "causal_lm")
-    a = anatomy(model)
-    if r.seq_len + prompts > a.positions - a.family.position_offset:
-        raise BequestError(f"--seq-len {r.seq_len} (+1 for the prompt) exceeds the model's positions; lower it")
+    check_room(anatomy(model), r.seq_len + prompts, "--seq-len (+1 for the prompt)")
     return tokenizer, model
 
 
@@ -308,7 +290,7 @@ def _grow(model, growth, r: LifelongRecipe, k: int):
     from bequest.grow import grow
 
     shape = next_shape(anatomy(model), growth)
-    return grow(model, **shape, width=r.width, depth=r.depth, noise=r.noise, seed=r.seed + k).model.train()
+    return grow(model, **shape, width=r.width, depth=r.depth, placement=r.placement, noise=r.noise, seed=r.seed + k).model.train()
 
 
 def _check_growth(model, schedule, r: LifelongRecipe) -> None:
@@ -342,8 +324,8 @@ def lifelong(r: LifelongRecipe) -> dict:
     train_sets, eval_sets, memory = [], [], []
     for k, (spec, name) in enumerate(zip(specs, names)):
         prompt = prompt_id(tokenizer, name) if use_prompts else None
-        blocks = list(lm_blocks(_texts(spec, "train"), tokenizer, r.seq_len)["input_ids"])
-        held = list(lm_blocks(_texts(spec, "validation"), tokenizer, r.seq_len)["input_ids"])[: r.eval_blocks]
+        blocks = list(lm_blocks(domain_texts(spec, "train"), tokenizer, r.seq_len)["input_ids"])
+        held = list(lm_blocks(domain_texts(spec, "validation"), tokenizer, r.seq_len)["input_ids"])[: r.eval_blocks]
         if not blocks or not held:
             raise BequestError(f"domain {name!r} is shorter than one {r.seq_len}-token block; add text or lower it")
         keep = np.random.default_rng([r.seed, k]).permutation(len(blocks))[: r.memory_size]

@@ -1,20 +1,210 @@
 """Recipes: every verb's settings as one pydantic model, filled from YAML and/or CLI flags.
 
-The model is the single source of defaults and help text: the CLI builds its options from it, and the
-resolved recipe is saved beside every output so a run can be repeated exactly.
+A verb's recipe is composed of the field groups below, so a setting has one name, one default and one
+help text wherever it appears; a verb that needs another default says so with `@defaults`. The model
+is the single source of defaults and help text: the CLI builds its options from it, and the resolved
+recipe is saved beside every output so a run can be repeated exactly.
+
+A renamed setting keeps its old spelling for one release: list it in the recipe's `OLD_NAMES`
+({old: new}); recipes accept it, and the CLI adds it as a hidden flag.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bequest.errors import BequestError
 
 R = TypeVar("R", bound=BaseModel)
+
+
+class Recipe(BaseModel):
+    """Base of every recipe and field group: unknown settings are errors, old spellings still work."""
+
+    model_config = ConfigDict(extra="forbid")
+    OLD_NAMES: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def old_names(cls) -> dict[str, str]:
+        """{old spelling: setting} over the recipe and every group it is made of."""
+        out = {}
+        for base in reversed(cls.__mro__):
+            out.update(base.__dict__.get("OLD_NAMES", {}))
+        return out
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values):
+        if not isinstance(values, dict):
+            return values
+        for old, new in cls.old_names().items():
+            if old in values:
+                value = values.pop(old)
+                if values.get(new, value) != value:
+                    raise ValueError(f"{old} is the old name of {new}; give only {new}")
+                values[new] = value
+        return values
+
+
+def defaults(**values):
+    """Class decorator: this recipe's own defaults for settings it takes from a field group."""
+
+    def apply(cls):
+        for name, value in values.items():
+            info = copy.copy(cls.__pydantic_fields__[name])  # the group's own field stays as it is
+            info.default = value
+            cls.__pydantic_fields__[name] = info
+        cls.model_rebuild(force=True)
+        return cls
+
+    return apply
+
+
+# ---------------------------------------------------------------- field groups
+
+
+class TrainFields(Recipe):
+    """Training settings shared by every verb that trains."""
+
+    steps: int = Field(200, ge=1, description="optimizer steps to train")
+    batch_size: int = Field(16, ge=1, description="examples per step per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
+    warmup: int = Field(20, ge=0, description="linear warm-up steps before cosine decay")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    eval_every: int = Field(50, ge=1, description="evaluate every N steps")
+    save_every: int = Field(50, ge=1, description="write a resumable checkpoint every N steps")
+    seed: int = Field(0, description="seed for initialisation and data order")
+
+
+class OutputFields(Recipe):
+    overwrite: bool = Field(False, description="replace an existing output folder")
+
+
+def _families() -> tuple[str, ...]:
+    from bequest.anatomy import FAMILIES
+
+    return tuple(FAMILIES)
+
+
+Family = Literal[_families()]
+
+
+class ShapeFields(Recipe):
+    """The shape of a model built from scratch."""
+
+    family: Family = Field("gpt2", description="model family")
+    layers: int = Field(2, ge=1, description="transformer blocks")
+    hidden: int = Field(64, ge=8, description="hidden size")
+    heads: int = Field(4, ge=1, description="attention heads (hidden / heads = head size)")
+    kv_heads: int | None = Field(None, ge=1, description="KV heads for grouped-query attention (Llama-like)")
+    ffn: int | None = Field(None, ge=1, description="MLP width (default 4 x hidden)")
+    vocab: int = Field(8000, ge=300, description="tokenizer vocabulary size, trained locally on the corpus")
+
+
+class SizeFields(Recipe):
+    """A shape derived from another model's: unset sizes keep its head size, KV grouping and ratios."""
+
+    layers: int | None = Field(None, ge=1, description="transformer blocks (default: the source model's)")
+    hidden: int | None = Field(None, ge=8, description="hidden size (default: the source model's)")
+    heads: int | None = Field(None, ge=1, description="attention heads (default: hidden / the source's head size)")
+    kv_heads: int | None = Field(None, ge=1, description="KV heads, Llama-like (default: keep the source's group size)")
+    ffn: int | None = Field(
+        None, ge=1, description="MLP width (default: the source model's; inherit and lifelong keep its ratio to hidden)"
+    )
+
+    def sizes(self) -> dict:
+        return {k: getattr(self, k) for k in SizeFields.model_fields}
+
+
+def _operators(kind: str) -> tuple[str, ...]:
+    from bequest.grow import DEPTH, WIDTH
+
+    return tuple({"width": WIDTH, "depth": DEPTH}[kind])
+
+
+class GrowFields(Recipe):
+    """How a model grows: the operators (`bequest.grow`'s registries) and their settings."""
+
+    width: Literal[_operators("width")] = Field("exact", description="width operator")
+    depth: Literal[_operators("depth")] = Field("identity", description="depth operator")
+    placement: str = Field(
+        "even", description="where identity/interleave blocks go: 'even', 'top', or old layer indices like '0,0,1'"
+    )
+    noise: float = Field(0.0, ge=0.0, description="std of symmetry-breaking noise added to expanded tensors")
+
+
+class BlockFields(Recipe):
+    """Language-model text cut into blocks."""
+
+    seq_len: int = Field(128, ge=8, description="tokens per training block")
+    eval_blocks: int = Field(64, ge=1, description="validation blocks evaluated each time")
+
+
+class CorpusFields(BlockFields):
+    corpus: str = Field("default", description="'default' (embedded stdlib corpus) or a path to your text/jsonl/csv/parquet")
+    domain: str | None = Field(None, description="one domain of the embedded corpus (default: all)")
+
+
+class ExampleFields(Recipe):
+    """Labelled examples: how long, and how many are evaluated."""
+
+    max_len: int = Field(64, ge=8, description="tokens per example (texts are truncated)")
+    eval_examples: int = Field(200, ge=1, description="validation examples per task in each evaluation")
+
+
+class TuningFields(ExampleFields):
+    train_examples: int | None = Field(None, ge=1, description="training examples per task (default: all)")
+
+
+def _tasks() -> str:
+    from bequest.data.tasks import TASKS
+
+    return ", ".join(TASKS)
+
+
+class TaskFields(ExampleFields):
+    data: str = Field("domain", description=f"embedded task ({_tasks()}) or a labelled data file")
+
+
+class LoraFields(Recipe):
+    lora_rank: int = Field(8, ge=1, description="rank of the LoRA matrices")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / rank)")
+
+
+def _kinds() -> tuple[str, ...]:
+    from bequest.port.modules import KINDS
+
+    return tuple(KINDS)
+
+
+PeftKind = Literal[_kinds()]
+
+
+class PeftFields(LoraFields):
+    """The settings of a fresh PEFT module, whatever its kind (each kind reads its own)."""
+
+    virtual_tokens: int = Field(8, ge=1, description="virtual tokens of prefix and prompt tuning")
+    bottleneck: int = Field(16, ge=1, description="bottleneck adapter width")
+    style: Literal["pfeiffer", "houlsby"] = Field(
+        "pfeiffer", description="bottleneck adapter placement: after the FFN (pfeiffer) or after attention too (houlsby)"
+    )
+    OLD_NAMES: ClassVar[dict[str, str]] = {"rank": "lora_rank"}
+
+
+class KDFields(Recipe):
+    """Distillation towards a teacher: (1 - alpha) CE + alpha tau^2 KL."""
+
+    alpha: float = Field(1.0, ge=0.0, le=1.0, description="weight of the KL term towards the teacher (0: no teacher)")
+    tau: float = Field(2.0, gt=0.0, description="softmax temperature of the KL term")
+
+
+# ---------------------------------------------------------------- reading
 
 
 def one_line(e: ValidationError, source: str) -> str:

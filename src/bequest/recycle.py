@@ -21,21 +21,20 @@ import functools
 import json
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 
-from bequest.anatomy import anatomy
-from bequest.engine import (
-    TrainFields, forward_flops_per_token, prepare_work, processes, train, train_flops_per_token,
-)
+from bequest.anatomy import TASK_ROLES, anatomy
+from bequest.data import same_tokenizer
+from bequest.data.prepare import check_room, lm_splits, task_sets, text_splits
+from bequest.engine import curve, forward_flops_per_token, prepare_work, processes, train, train_flops_per_token
 from bequest.engine.kd import KD, KDTrainer, TeacherMeter
 from bequest.errors import BequestError
-from bequest.finetune import TaskFields, check_length, curve, load_tokenizer, save_tuned, tokenized
-from bequest.inherit import same_tokenizer
-from bequest.io import atomic_dir, check_output, load_config, load_model, write_model
-from bequest.port.modules import CONFIG, attach, expected, load_host, misfits, read_module, with_module
+from bequest.io import atomic_dir, check_output, load_config, load_lm, load_model, load_tokenizer, write_model
+from bequest.port.modules import CONFIG, attach, expected, misfits, read_module, save_tuned, with_module
+from bequest.recipe import CorpusFields, KDFields, OutputFields, TaskFields, TrainFields, TuningFields, defaults
 
 Method = Literal["init", "distill", "combined", "fresh"]
 
@@ -43,25 +42,18 @@ Method = Literal["init", "distill", "combined", "fresh"]
 # ---------------------------------------------------------------- M_i -> M_{i+1}
 
 
-class ContinueRecipe(TrainFields):
+class ContinueRecipe(CorpusFields, TrainFields, OutputFields):
     model: str = Field(..., description="trained LM folder to continue pre-training (M_i); its tokenizer is kept")
     out: str = Field(..., description="output model folder (M_{i+1})")
-    seq_len: int = Field(128, ge=8, description="tokens per training block")
-    corpus: str = Field("default", description="'default' (embedded stdlib corpus) or a path to text/jsonl/csv/parquet")
-    domain: str | None = Field(None, description="one domain of the embedded corpus (default: all)")
-    eval_blocks: int = Field(64, ge=1, description="validation blocks evaluated each time")
-    overwrite: bool = Field(False, description="replace an existing output folder")
 
 
 def continue_pretrain(r: ContinueRecipe) -> dict:
     """Continue pre-training a model on more text (another domain): the upgraded base, lineage recorded."""
-    from bequest.pretrain import corpus_splits, lm_splits, load_lm
-
     state = processes()
     check_output(r.out, r.overwrite)
     model, tokenizer, a = load_lm(r.model, r.seq_len, "continue pre-training")
     # The old tokenizer is kept whatever the corpus: recycled task weights index the same vocabulary.
-    train_text, eval_text = corpus_splits(r.corpus, r.domain)
+    train_text, eval_text = text_splits(r.corpus, r.domain)
     train_set, eval_set = lm_splits(train_text, eval_text, tokenizer, a.task, r)
     recipe = r.model_dump(exclude={"overwrite"})
     work = prepare_work(r.out, recipe, r.overwrite)
@@ -78,11 +70,6 @@ def continue_pretrain(r: ContinueRecipe) -> dict:
 
 
 # ---------------------------------------------------------------- initialisation
-
-
-def is_head(role: str) -> bool:
-    """Task-specific roles: never pre-trained, so a delta against the base's (random or absent) copy is noise."""
-    return role == "pooler" or role.startswith(("classifier", "score"))
 
 
 def _by_slot(model) -> dict[str, torch.Tensor]:
@@ -102,7 +89,7 @@ def delta_init(old_base, new_base, tuned):
     a = anatomy(model)
     params = dict(model.named_parameters())
     for name, slot in a.slots(params).items():
-        if is_head(slot.role):
+        if slot.role in TASK_ROLES:  # never pre-trained: a delta against the base's copy would be noise
             continue
         key, p = str(slot), params[name]
         for base, which in ((old, "old"), (new, "new")):
@@ -135,7 +122,8 @@ def check_module_fits(module, host: str | Path, labels: int | None) -> None:
 # ---------------------------------------------------------------- the recipe
 
 
-class RecycleRecipe(TaskFields):
+@defaults(alpha=0.5)
+class RecycleRecipe(TaskFields, TuningFields, KDFields, TrainFields, OutputFields):
     out: str = Field(..., description="output: a seq_cls model folder (full fine-tune) or an adapter folder (PEFT)")
     old_base: str = Field(..., description="the base the task weights were tuned on (M_i)")
     new_base: str = Field(..., description="the upgraded base (M_{i+1}) to carry them to")
@@ -143,15 +131,13 @@ class RecycleRecipe(TaskFields):
     method: Method = Field(
         "combined", description="init (old weights as start), distill (old model teaches), combined, fresh (baseline)"
     )
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the KL term towards the old tuned model")
     beta: float = Field(0.0, ge=0.0, description="weight of the last-hidden-state MSE towards the old tuned model")
-    temperature: float = Field(2.0, gt=0.0, description="softmax temperature T of the KL term")
-    overwrite: bool = Field(False, description="replace an existing output folder")
+    OLD_NAMES: ClassVar[dict[str, str]] = {"temperature": "tau"}
 
 
 def kd_trainer(teacher, r: RecycleRecipe, meter: TeacherMeter | None = None):
     """The engine's KDTrainer with a constant alpha (alpha = beta = 0: plain cross-entropy)."""
-    kd = KD(alpha=r.alpha, schedule="constant", tau=r.temperature, beta=r.beta)
+    kd = KD(alpha=r.alpha, schedule="constant", tau=r.tau, beta=r.beta)
     return functools.partial(KDTrainer, teacher=teacher, kd=kd, meter=meter)
 
 
@@ -167,7 +153,7 @@ def _full(r: RecycleRecipe, labels: int):
         new, _ = load_model(r.new_base, with_tokenizer=False)
         student = delta_init(old, new, tuned)
     else:
-        student, _ = load_host(r.new_base, "seq_cls", labels, seed=r.seed, tokenizer=False)
+        student, _ = load_model(r.new_base, "seq_cls", num_labels=labels, seed=r.seed, with_tokenizer=False)
     return student.train(), tuned if r.method in ("distill", "combined") else None
 
 
@@ -178,7 +164,7 @@ def _peft(r: RecycleRecipe, labels: int):
     if module.task == "seq_cls" and saved not in (None, labels):
         raise BequestError(f"{r.task_weights} predicts {saved} labels but --data has {labels}")
     check_module_fits(module, r.new_base, labels)
-    host, _ = load_host(r.new_base, module.task, labels, seed=r.seed, tokenizer=False)
+    host, _ = load_model(r.new_base, module.task, num_labels=labels, seed=r.seed, with_tokenizer=False)
     if r.method in ("init", "combined"):
         student = attach(host, module, trainable=True)
     else:
@@ -187,7 +173,7 @@ def _peft(r: RecycleRecipe, labels: int):
     teacher = None
     if r.method in ("distill", "combined"):
         check_module_fits(module, r.old_base, labels)
-        old, _ = load_host(r.old_base, module.task, labels, seed=r.seed, tokenizer=False)
+        old, _ = load_model(r.old_base, module.task, num_labels=labels, seed=r.seed, with_tokenizer=False)
         teacher = attach(old, module, trainable=False)
     return student, teacher
 
@@ -196,15 +182,17 @@ def recycle(r: RecycleRecipe, *, progress: bool = True) -> dict:
     """Carry task weights tuned on an old base to its upgrade: init, distill, combined (or fresh)."""
     state = processes()
     check_output(r.out, r.overwrite)
-    tokenizer = load_tokenizer(r.new_base)
-    if (Path(r.old_base) / "tokenizer.json").exists() and not same_tokenizer(tokenizer, load_tokenizer(r.old_base)):
+    tokenizer = load_tokenizer(r.new_base, required="recycling")
+    old_tokenizer = load_tokenizer(r.old_base)
+    if old_tokenizer is not None and not same_tokenizer(tokenizer, old_tokenizer):
         raise BequestError("the old and new bases have different vocabularies; recycling needs the same tokenizer")
     peft = is_adapter(r.task_weights)
     config = read_module(r.task_weights).config if peft else {}
     if peft and config.get("task_type") != "SEQ_CLS":
         raise BequestError(f"{r.task_weights} is a {config.get('task_type')} module; recycle tunes sequence classifiers")
-    check_length(r.new_base, r.max_len, config.get("num_virtual_tokens") or 0)
-    train_set, eval_set, labels = tokenized(r, tokenizer)
+    tokens = r.max_len + (config.get("num_virtual_tokens") or 0)
+    check_room(anatomy(load_config(r.new_base)), tokens, "--max-len (with virtual tokens)", r.new_base)
+    train_set, eval_set, labels = task_sets(r, tokenizer)
     # Everything is loaded and checked before the work folder exists: a misfit leaves nothing behind.
     student, teacher = (_peft if peft else _full)(r, labels)
     recipe = r.model_dump(exclude={"overwrite"})

@@ -31,6 +31,10 @@ AUTO_CLASSES = {
 }
 
 
+# Roles a task adds on top of a pre-trained body (never pre-trained themselves).
+TASK_ROLES = frozenset({"pooler", "classifier", "classifier.dense"})
+
+
 class Slot(NamedTuple):
     """One parameter's place: role `attn.q`, layer 3 (None outside blocks), kind `weight`."""
 
@@ -109,6 +113,17 @@ class Anatomy:
         return self._get("positions", 0)
 
     @property
+    def usable_positions(self) -> int:
+        """Tokens one sequence can hold (RoBERTa's table keeps two slots for its offset); 0: unbounded."""
+        return max(self.positions - self.family.position_offset, 0) if self.positions else 0
+
+    @property
+    def inverse_layer_scale(self) -> bool:
+        """GPT-2's scale_attn_by_inverse_layer_idx: attention scores divided by the layer number, so a
+        block that moves to another depth must rescale its queries to compute what it did."""
+        return bool(getattr(self.config, "scale_attn_by_inverse_layer_idx", False))
+
+    @property
     def eps(self) -> float:
         return getattr(self.config, self.family.eps_key)
 
@@ -170,7 +185,7 @@ class Anatomy:
             "head_dim": self.head_dim,
             "ffn": self.ffn,
             "vocab": self.vocab,
-            "positions": self.positions - fam.position_offset,
+            "positions": self.usable_positions,
             "norm": f"{fam.norm_position}-norm {fam.norm}, eps {self.eps:g}",
             "tied_embeddings": self.tied,
             "fused_qkv": fam.fused_qkv,

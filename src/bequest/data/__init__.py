@@ -3,7 +3,7 @@
 from bequest.data.corpus import DOMAINS, load_corpus
 from bequest.data.files import load_labeled_files, load_text_files
 from bequest.data.tasks import TASKS, load_task, task_labels
-from bequest.data.tokenizer import tokenizer_kind, train_tokenizer
+from bequest.data.tokenizer import same_tokenizer, tokenizer_kind, train_tokenizer
 
 __all__ = [
     "DOMAINS",
@@ -12,6 +12,7 @@ __all__ = [
     "load_task",
     "task_labels",
     "train_tokenizer",
+    "same_tokenizer",
     "tokenizer_kind",
     "load_text_files",
     "load_labeled_files",

@@ -163,3 +163,10 @@ def train_tokenizer(
             shutil.rmtree(tmp, ignore_errors=True)
     # Always load from disk, so a fresh and a cached tokenizer behave the same.
     return PreTrainedTokenizerFast.from_pretrained(final, local_files_only=True, model_max_length=model_max_length)
+
+
+def same_tokenizer(a, b) -> bool:
+    """Same tokens with the same ids, and the same special tokens: then logits line up position by position."""
+    return a.get_vocab() == b.get_vocab() and a.all_special_tokens == b.all_special_tokens and all(
+        getattr(a, f"{k}_id") == getattr(b, f"{k}_id") for k in ("pad_token", "bos_token", "eos_token", "mask_token")
+    )

@@ -2,11 +2,12 @@
 
 from bequest.engine.data import collator, fixed_masks, labelled, lm_blocks
 from bequest.engine.flops import forward_flops_per_token, matmul_params, train_flops_per_token
-from bequest.engine.train import TrainFields, prepare_work, processes, train
+from bequest.engine.train import TrainFields, curve, prepare_work, processes, train
 
 __all__ = [
     "TrainFields",
     "collator",
+    "curve",
     "fixed_masks",
     "forward_flops_per_token",
     "labelled",

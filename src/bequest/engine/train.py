@@ -17,27 +17,11 @@ import transformers
 import yaml
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
-from pydantic import BaseModel, ConfigDict, Field
 
 from bequest.engine.data import collator
 from bequest.errors import BequestError
 from bequest.io import partial_dir
-
-
-class TrainFields(BaseModel):
-    """Training settings shared by every verb that trains (its recipe extends this)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(200, ge=1, description="optimizer steps to train")
-    batch_size: int = Field(16, ge=1, description="examples per step per process")
-    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
-    warmup: int = Field(20, ge=0, description="linear warm-up steps before cosine decay")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
-    eval_every: int = Field(50, ge=1, description="evaluate every N steps")
-    save_every: int = Field(50, ge=1, description="write a resumable checkpoint every N steps")
-    seed: int = Field(0, description="seed for initialisation and data order")
+from bequest.recipe import TrainFields
 
 
 def processes() -> PartialState:
@@ -191,3 +175,9 @@ def train(
     final["tokens"] = trainer.state.num_input_tokens_seen
     final["is_main"] = trainer.is_world_process_zero()
     return final
+
+
+def curve(work: Path) -> list[tuple[int, float]]:
+    """(step, eval accuracy) of a run, read back from its metrics.jsonl."""
+    rows = [json.loads(line) for line in (Path(work) / "metrics.jsonl").read_text().splitlines()]
+    return sorted({r["step"]: r["eval_accuracy"] for r in rows if "eval_accuracy" in r}.items())

@@ -9,37 +9,22 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Literal
-
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from bequest import __version__
 from bequest.anatomy import anatomy
-from bequest.grow import DEPTH, WIDTH, max_abs_logit_change, stream
-from bequest.io import atomic_dir, check_output, load_model, model_card
+from bequest.grow import max_abs_logit_change, stream
+from bequest.io import atomic_dir, check_output, load_model, model_card, save_recipe
+from bequest.recipe import GrowFields, OutputFields, SizeFields
 
 PROBE = (2, 16)  # sequences x tokens of the fixed probe batch
 PROBE_LIMIT = 2 * 10**9  # source bytes up to which the probe runs unless told (it loads both models)
 
 
-class GrowRecipe(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class GrowRecipe(SizeFields, GrowFields, OutputFields):
     src: str = Field(..., description="model folder to grow")
     out: str = Field(..., description="output model folder")
-    hidden: int | None = Field(None, ge=1, description="target hidden size (default: unchanged)")
-    heads: int | None = Field(None, ge=1, description="target attention heads (default: hidden / head size)")
-    kv_heads: int | None = Field(None, ge=1, description="target KV heads, Llama-like (default: keep the group size)")
-    ffn: int | None = Field(None, ge=1, description="target MLP width (default: unchanged)")
-    layers: int | None = Field(None, ge=1, description="target number of blocks (default: unchanged)")
-    width: Literal[tuple(WIDTH)] = Field("exact", description="width operator")
-    depth: Literal[tuple(DEPTH)] = Field("identity", description="depth operator")
-    placement: str = Field(
-        "even", description="where identity/interleave blocks go: 'even', 'top', or old layer indices like '0,0,1'"
-    )
-    noise: float = Field(0.0, ge=0.0, description="std of symmetry-breaking noise added to expanded tensors")
     seed: int = Field(0, description="seed for new random weights and noise")
     shard_size: str = Field("2GB", description="largest output shard, like 2GB, 500MB or 4GiB")
     probe: bool | None = Field(
@@ -47,7 +32,6 @@ class GrowRecipe(BaseModel):
         description="measure max |Δ logits| against the source on a probe batch; it loads both models "
         "(default: only when the source's weights are under 2 GB)",
     )
-    overwrite: bool = Field(False, description="replace an existing output folder")
 
 
 def probe_ids(model, seed: int = 0) -> torch.Tensor:
@@ -55,7 +39,7 @@ def probe_ids(model, seed: int = 0) -> torch.Tensor:
     anat = anatomy(model)
     length = PROBE[1]
     if anat.positions:
-        length = min(length, anat.positions - anat.family.position_offset)
+        length = min(length, anat.usable_positions)
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, anat.vocab, (PROBE[0], length), generator=g)
 
@@ -104,7 +88,7 @@ def grow_command(r: GrowRecipe) -> dict:
             del model, grown
         stream.copy_tokenizer(r.src, folder)
         lineage = {"parent": str(r.src), "operation": "grow", "recipe": r.model_dump(), "version": __version__}
-        (folder / "recipe.yaml").write_text(yaml.safe_dump(r.model_dump(), sort_keys=False))
+        save_recipe(folder, r.model_dump())
         (folder / "README.md").write_text(model_card(lineage) + _card_line(report, r), encoding="utf-8")
         (folder / "growth.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     deviation = report["max_abs_logit_change"]

@@ -7,21 +7,18 @@
 - `study`: `bequest study port`, the grid of PEFT type x host pair x init x seed, resumable.
 """
 
-from bequest.port.command import PortRecipe, port, port_module, sampled
-from bequest.port.modules import KINDS, Module, attach, load_host, module_of, new_config, read_module, with_module, write_module
+_EXPORTS = {
+    "bequest.port.command": ("PortRecipe", "port", "port_module", "sampled"),
+    "bequest.port.modules": ("KINDS", "Module", "attach", "module_of", "new_config", "read_module", "with_module",
+                             "write_module"),
+}
 
-__all__ = [
-    "KINDS",
-    "Module",
-    "PortRecipe",
-    "attach",
-    "load_host",
-    "module_of",
-    "new_config",
-    "port",
-    "port_module",
-    "read_module",
-    "sampled",
-    "with_module",
-    "write_module",
-]
+
+def __getattr__(name: str):
+    # Imported on first use: the recipe field groups read KINDS without loading the port verb.
+    import importlib
+
+    for module, names in _EXPORTS.items():
+        if name in names:
+            return getattr(importlib.import_module(module), name)
+    raise AttributeError(name)

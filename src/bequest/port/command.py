@@ -14,21 +14,20 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from bequest.anatomy import anatomy
 from bequest.errors import BequestError
-from bequest.io import atomic_dir, check_output, load_config, read_lineage
+from bequest.io import atomic_dir, check_output, load_config, load_model, read_lineage, save_recipe
 from bequest.port.follow import follow, source_config
-from bequest.port.modules import Module, expected, load_host, misfits, module_of, read_module, with_module, write_module
+from bequest.port.modules import Module, expected, misfits, module_of, read_module, with_module, write_module
+from bequest.recipe import OutputFields
 
 Init = Literal["ported", "scratch", "sampled"]
 MAX_HOPS = 16  # lineage steps searched for the growth a host descends from
 
 
-class PortRecipe(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class PortRecipe(OutputFields):
     adapter: str = Field(..., description="PEFT module folder: peft's (LoRA, IA3, prefix, prompt) or a bequest bottleneck adapter")
     to: str = Field(..., description="host model folder to port the module onto")
     out: str = Field(..., description="output module folder")
@@ -38,7 +37,6 @@ class PortRecipe(BaseModel):
         "sampled: every ported tensor redrawn i.i.d. from N(its mean, its std) (the last two are the paper's baselines)",
     )
     seed: int = Field(0, description="seed for new blocks' fresh module, the scratch module and the sampled tensors")
-    overwrite: bool = Field(False, description="replace an existing output folder")
 
 
 def shape_of(config) -> str:
@@ -96,7 +94,8 @@ def sampled(tensors: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tens
 
 def scratch(module: Module, host: Path, config: dict, seed: int) -> dict[str, torch.Tensor]:
     """A fresh module of the same config on the host (the paper's first baseline), seeded."""
-    model, _ = load_host(host, module.task, module.num_labels(anatomy(load_config(host)).family), seed, tokenizer=False)
+    labels = module.num_labels(anatomy(load_config(host)).family)
+    model, _ = load_model(host, module.task, num_labels=labels, seed=seed, with_tokenizer=False)
     torch.manual_seed(seed)
     return module_of(with_module(model, config)).tensors
 
@@ -158,6 +157,7 @@ def port(r: PortRecipe) -> dict:
     with atomic_dir(r.out, r.overwrite) as folder:
         write_module(folder, ported)
         (folder / "port.json").write_text(json.dumps(report, indent=1))
+        save_recipe(folder, r.model_dump(exclude={"overwrite"}))
     n = report["tensors"]
     how = (f"all {n['total']} tensors matched" if report["mode"] == "same-shape"
            else f"grown {report['grown_from']} -> {report['host_shape']}: {n['grown']} grown, {n['fresh']} fresh, "

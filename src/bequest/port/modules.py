@@ -11,18 +11,18 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 
 from bequest import adapters
-from bequest.anatomy import AUTO_CLASSES, anatomy, build_model
+from bequest.anatomy import anatomy, build_model
 from bequest.errors import BequestError
-from bequest.io import check_checkpoint, load_config, read_header
+from bequest.io import read_header, save_recipe, write_model
 
 TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "BOTTLENECK": "bottleneck"}
 KINDS = tuple(TYPES.values())
@@ -115,9 +115,15 @@ def targets(fam, roles) -> str:
     return rf"(.*\.)?{block}\.({names})"
 
 
-def new_config(kind: str, model, *, rank: int = 8, alpha: float = 16.0, virtual_tokens: int = 8,
-               bottleneck: int = 16, style: str = "pfeiffer") -> dict:
-    """A fresh module's config for `model`, its targets named through the anatomy roles."""
+def new_config(kind: str, model, settings=None, **overrides) -> dict:
+    """A fresh module's config for `model`, its targets named through the anatomy roles.
+
+    `settings`: a recipe carrying `PeftFields` (default: their defaults); `overrides` replace its values."""
+    from bequest.recipe import PeftFields
+
+    given = settings.model_dump(include=set(PeftFields.model_fields)) if settings is not None else {}
+    s = PeftFields(**{**given, **overrides})
+    rank, alpha, virtual_tokens, bottleneck, style = s.lora_rank, s.lora_alpha, s.virtual_tokens, s.bottleneck, s.style
     anat = anatomy(model)
     fam, task = anat.family, PEFT_TASKS[anat.task]
     if kind == "lora":
@@ -243,29 +249,15 @@ def attach(model, module: Module, *, trainable: bool = False):
     return carrier
 
 
-def load_host(path: str | Path, task: str, num_labels: int | None = None, seed: int = 0, tokenizer: bool = True):
-    """(model, tokenizer) of a host folder with the head `task` needs; a fresh classifier is seeded."""
-    path = Path(path)
-    config = load_config(path)
-    if task == "seq_cls" and num_labels:
-        config.num_labels = num_labels
-    check_checkpoint(path, config, task)
-    auto = getattr(transformers, AUTO_CLASSES[task])
-    transformers.set_seed(seed)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # a classifier head is new on an LM checkpoint: not news
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = auto.from_pretrained(path, config=config, dtype=torch.float32, use_safetensors=True,
-                                         trust_remote_code=False)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise BequestError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    model.config.architectures = [type(model).__name__]
-    tok = None
-    if tokenizer and (path / "tokenizer.json").exists():
-        tok = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    return model, tok
-
+def save_tuned(folder: Path, model, tokenizer, *, parent: str, operation: str, recipe: dict) -> None:
+    """A full fine-tune as a model folder; a PEFT module as an adapter folder (tokenizer beside it)."""
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    if hasattr(model, "peft_config") or getattr(model, "bottleneck_config", None) is not None:
+        module = module_of(model)
+        module.config["base_model_name_or_path"] = str(parent)
+        write_module(folder, module)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        save_recipe(folder, recipe)
+    else:
+        write_model(folder, model, tokenizer, operation=operation, parent=str(parent), recipe=recipe)

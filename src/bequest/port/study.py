@@ -18,58 +18,50 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 import transformers
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from bequest import data
-from bequest.engine import TrainFields, labelled, train
-from bequest.errors import BequestError
 from bequest.anatomy import anatomy
-from bequest.io import atomic_dir, load_config
+from bequest.data.prepare import check_room
+from bequest.engine import labelled, train
+from bequest.errors import BequestError
+from bequest.io import atomic_dir, load_config, load_model, save_recipe
 from bequest.port.command import Init, port_module
-from bequest.port.modules import KINDS, attach, load_host, module_of, new_config, read_module, with_module, write_module
+from bequest.port.modules import KINDS, attach, module_of, new_config, read_module, with_module, write_module
+from bequest.recipe import PeftFields, Recipe, TrainFields, TuningFields
 
 Kind = Literal[KINDS]
 INITS = ("ported", "scratch", "sampled")
 
 
-class Pair(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Pair(Recipe):
     name: str = Field(..., description="the pair's label in tables and plots")
     source: str = Field(..., description="host folder the modules are trained on (A)")
     target: str = Field(..., description="host folder they are ported to (B)")
 
 
-class StudyRecipe(TrainFields):
+class StudyRecipe(TuningFields, PeftFields, TrainFields):
     out: str = Field(..., description="study folder: sources/, runs/, results.jsonl/.csv, report.md/.png")
     pairs: list[Pair] = Field(..., description="host pairs (YAML: a list of {name, source, target})")
     types: list[Kind] = Field(list(KINDS), description="PEFT types, comma-separated on the command line")
     inits: list[Init] = Field(list(INITS), description="ported (the module carried over), scratch, sampled")
     seeds: list[int] = Field([0, 1, 2], description="seeds per condition (fresh units, baselines, data order)")
-    task: str = Field("domain", description="embedded classification task")
+    data: str = Field("domain", description="embedded classification task")
     source_steps: int = Field(200, ge=1, description="steps training each source module on its source host")
-    max_len: int = Field(64, ge=8, description="tokens per example (texts are truncated)")
-    train_examples: int | None = Field(None, ge=1, description="training examples (default: all)")
-    eval_examples: int = Field(200, ge=1, description="validation examples in each evaluation")
     lrs: dict[Kind, float] = Field({}, description="learning rate per PEFT type (YAML mapping; others use --lr)")
-    rank: int = Field(8, ge=1, description="LoRA rank")
-    virtual_tokens: int = Field(8, ge=1, description="prefix / prompt tuning virtual tokens")
-    bottleneck: int = Field(16, ge=1, description="bottleneck adapter width")
-    style: Literal["pfeiffer", "houlsby"] = Field("pfeiffer", description="bottleneck adapter placement")
-    save_every: int = Field(1_000_000, ge=1, description="unused: a run restarts rather than resumes")
+    OLD_NAMES: ClassVar[dict[str, str]] = {"task": "data"}
 
     @field_validator("types", "inits", "seeds", mode="before")
     @classmethod
     def _commas(cls, v):  # the command line gives lists as "lora,ia3"
         return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
 
-    @field_validator("task")
+    @field_validator("data")
     @classmethod
     def _known_task(cls, v):
         if v not in data.TASKS:
@@ -94,15 +86,15 @@ _DATA: dict[tuple, tuple] = {}  # tokenized task splits, shared by the runs of o
 def _datasets(r: StudyRecipe, tokenizer):
     if tokenizer is None:
         raise BequestError("a study host needs its tokenizer (tokenizer.json) beside the weights")
-    key = (tokenizer.name_or_path, len(tokenizer), r.task, r.max_len, r.train_examples, r.eval_examples)
+    key = (tokenizer.name_or_path, len(tokenizer), r.data, r.max_len, r.train_examples, r.eval_examples)
     if key not in _DATA:
         _DATA[key] = _tokenized(r, tokenizer)
     return _DATA[key]
 
 
 def _tokenized(r: StudyRecipe, tokenizer):
-    train_set = data.load_task(r.task, "train")
-    evals = data.load_task(r.task, "validation")
+    train_set = data.load_task(r.data, "train")
+    evals = data.load_task(r.data, "validation")
     if r.train_examples:
         train_set = train_set.select(range(min(r.train_examples, len(train_set))))
     evals = evals.select(range(min(r.eval_examples, len(evals))))
@@ -116,11 +108,8 @@ def _spec(r: StudyRecipe, kind: str, steps: int, seed: int) -> TrainFields:
 
 def _check_positions(r: StudyRecipe, host: str, kind: str) -> None:
     """Virtual tokens take positions too (prompt tuning's inputs, prefix tuning's cache)."""
-    a = anatomy(load_config(host))
-    room = a.positions - a.family.position_offset
     extra = r.virtual_tokens if kind in ("prefix", "prompt") else 0
-    if a.positions and r.max_len + extra > room:
-        raise BequestError(f"--max-len {r.max_len} + {extra} virtual tokens exceeds {host}'s {room} positions; lower --max-len")
+    check_room(anatomy(load_config(host)), r.max_len + extra, f"--max-len + {extra} virtual tokens", host)
 
 
 def _fit(model, tokenizer, r: StudyRecipe, kind: str, steps: int, seed: int, work: Path) -> tuple[dict, list]:
@@ -140,10 +129,10 @@ def source_module(r: StudyRecipe, host: str, kind: str) -> Path:
     if folder.exists():
         return folder
     _check_positions(r, host, kind)
-    labels = len(data.task_labels(r.task))
-    model, tokenizer = load_host(host, "seq_cls", labels, seed=r.seed)
+    labels = len(data.task_labels(r.data))
+    model, tokenizer = load_model(host, "seq_cls", num_labels=labels, seed=r.seed)
     torch.manual_seed(r.seed)
-    config = new_config(kind, model, rank=r.rank, virtual_tokens=r.virtual_tokens, bottleneck=r.bottleneck, style=r.style)
+    config = new_config(kind, model, r)
     model = with_module(model, config)
     work = folder.parent / f".{kind}.work"
     shutil.rmtree(work, ignore_errors=True)
@@ -173,7 +162,7 @@ def run(r: StudyRecipe, pair: Pair, kind: str, init: str, seed: int) -> dict:
     source = read_module(source_module(r, pair.source, kind))
     module, report = port_module(source, pair.target, init=init, seed=seed)
     write_module(folder / "module", module)
-    model, tokenizer = load_host(pair.target, "seq_cls", len(data.task_labels(r.task)), seed=seed)
+    model, tokenizer = load_model(pair.target, "seq_cls", num_labels=len(data.task_labels(r.data)), seed=seed)
     model = attach(model, module, trainable=True)
     final, curve = _fit(model, tokenizer, r, kind, r.steps, seed, folder)
     accs = [a for _, a in curve]
@@ -313,7 +302,7 @@ def study(r: StudyRecipe) -> dict:
     if len(set(names)) != len(names):
         raise BequestError("two pairs share a name; give each pair its own name")
     _same_settings(r, out)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(r.model_dump(), sort_keys=False))
+    save_recipe(out, r.model_dump())
     rows = [run(r, pair, kind, init, seed)
             for pair in r.pairs for kind in r.types for init in r.inits for seed in r.seeds]
     result = write_report(out, rows)

@@ -1,17 +1,10 @@
-"""Model folders in and out: validated lazy reads, atomic writes, and a lineage model card.
-
-Reads never unpickle: only safetensors are accepted. Writes go to a hidden sibling folder that is
-renamed into place at the end, so an interrupted run never leaves a folder that looks complete.
+"""Model folders in and out: every model and tokenizer bequest loads comes through here, checked
+against its config before any weight loads; every model folder it writes carries a lineage card.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import shutil
-import struct
-import uuid
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,56 +14,14 @@ import yaml
 from bequest import __version__
 from bequest.anatomy import AUTO_CLASSES, anatomy, task_of
 from bequest.errors import BequestError
+from bequest.io.folders import atomic_dir
+from bequest.io.safetensors import read_header, weight_files
 
 # Non-parameter tensors older checkpoints carry (causal masks, position ids, rotary caches).
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".position_ids", ".rotary_emb.inv_freq")
 
 
 # ---------------------------------------------------------------- reading
-
-
-def read_header(file: Path) -> dict[str, dict]:
-    """The tensor table of one safetensors file, checked against the file's real size."""
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError("header longer than file")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error) as e:
-        raise BequestError(f"{file}: not a readable safetensors file ({e}); re-save or re-download it") from None
-    header.pop("__metadata__", None)
-    end = max((t["data_offsets"][1] for t in header.values()), default=0)
-    if 8 + n + end != size:
-        raise BequestError(
-            f"{file}: truncated or corrupted safetensors ({size} bytes, header says {8 + n + end}); "
-            "re-save or re-download it"
-        )
-    return header
-
-
-def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a model folder, in shard order."""
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            raise BequestError(f"{index}: unreadable shard index ({e}); re-save the model") from None
-        files = [path / n for n in names]
-        missing = [str(f) for f in files if not f.exists()]
-        if missing:
-            raise BequestError(f"{index}: missing shard {missing[0]}; copy the whole model folder")
-        return files
-    if (path / "model.safetensors").exists():
-        return [path / "model.safetensors"]
-    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-        raise BequestError(
-            f"{path}: only pickle weights (*.bin); bequest never unpickles, convert them with "
-            "save_pretrained(..., safe_serialization=True)"
-        )
-    raise BequestError(f"{path}: no model.safetensors found; point at a Hugging Face model folder")
 
 
 def load_config(path: str | Path) -> transformers.PretrainedConfig:
@@ -115,61 +66,63 @@ def check_checkpoint(path: Path, config, task: str) -> dict[str, dict]:
     return headers
 
 
-def load_model(path: str | Path, task: str | None = None, with_tokenizer: bool = True):
-    """(model, tokenizer or None) from an HF folder, in fp32; `task` picks the head class."""
+def load_tokenizer(path: str | Path, required: str | None = None):
+    """The tokenizer saved beside a model; None without one, or an error naming `required`'s need."""
+    path = Path(path)
+    if not (path / "tokenizer.json").exists():
+        if required:
+            raise BequestError(f"{path} has no tokenizer.json; {required} needs it, save it beside the model")
+        return None
+    return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+def load_model(path: str | Path, task: str | None = None, *, num_labels: int | None = None, seed: int = 0,
+               with_tokenizer: bool = True):
+    """(model, tokenizer or None) from an HF folder, in fp32.
+
+    `task` picks the head class (default: the checkpoint's own). A head the checkpoint lacks (a
+    classifier on an LM) is new: it is seeded with `seed` and transformers' note about it is not news.
+    """
     path = Path(path)
     config = load_config(path)
-    task = task or task_of(config)
+    own = task_of(config)
+    task = task or own
+    if task == "seq_cls" and num_labels:
+        config.num_labels = num_labels
     check_checkpoint(path, config, task)
     auto = getattr(transformers, AUTO_CLASSES[task])
+    transformers.set_seed(seed)
+    verbosity = transformers.logging.get_verbosity()
+    if task != own:
+        transformers.logging.set_verbosity_error()
     try:
-        model = auto.from_pretrained(path, dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
+        with warnings.catch_warnings():
+            if task != own:
+                warnings.simplefilter("ignore")
+            model = auto.from_pretrained(path, config=config, dtype=torch.float32, use_safetensors=True,
+                                         trust_remote_code=False)
     except (OSError, ValueError, RuntimeError) as e:
         raise BequestError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
-    tokenizer = None
-    if with_tokenizer and (path / "tokenizer.json").exists():
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    return model, tokenizer
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    model.config.architectures = [type(model).__name__]
+    return model, load_tokenizer(path) if with_tokenizer else None
+
+
+def load_lm(path: str | Path, seq_len: int, purpose: str):
+    """(model, tokenizer, anatomy) of a saved language model that can take `seq_len`-token blocks."""
+    model, tokenizer = load_model(path)
+    a = anatomy(model)
+    if a.task not in ("causal_lm", "masked_lm"):
+        raise BequestError(f"{path} is a {a.task} model; {purpose} needs a causal or masked LM")
+    if tokenizer is None:
+        raise BequestError(f"{path} has no tokenizer.json; {purpose} reuses it, save it beside the model")
+    if seq_len > a.usable_positions:
+        raise BequestError(f"--seq-len {seq_len} exceeds {path}'s {a.usable_positions} positions; lower it")
+    return model, tokenizer, a
 
 
 # ---------------------------------------------------------------- writing
-
-
-def check_output(out: str | Path, overwrite: bool) -> Path:
-    """Refuse to touch an existing output unless asked; call before doing any work."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise BequestError(f"{out} already exists; pass --overwrite to replace it or choose another path")
-    if out.exists() and not out.is_dir():
-        raise BequestError(f"{out} exists and is not a folder; remove it or choose another path")
-    return out
-
-
-def partial_dir(out: str | Path) -> Path:
-    """Where a run's output grows before it is renamed into place (also holds resume checkpoints)."""
-    out = Path(out)
-    return out.parent / f".{out.name}.partial"
-
-
-@contextlib.contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False, work: Path | None = None):
-    """Yield a hidden sibling folder; on success it becomes `out`, on failure nothing changes."""
-    out = check_output(out, overwrite)
-    tmp = work or out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True, exist_ok=work is not None)
-    try:
-        yield tmp
-    except BaseException:
-        if work is None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():  # overwrite: move the old folder aside first so a crash loses neither
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def model_card(lineage: dict) -> str:
@@ -198,7 +151,12 @@ def write_model(
     lineage = {"parent": parent, "operation": operation, "recipe": recipe or {}, "version": __version__}
     (folder / "README.md").write_text(model_card(lineage))
     if recipe is not None:
-        (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        save_recipe(folder, recipe)
+
+
+def save_recipe(folder: str | Path, recipe: dict) -> None:
+    """The resolved recipe beside an output, as the YAML `--recipe` reads back."""
+    (Path(folder) / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
 def save_model(out, model, tokenizer=None, *, overwrite: bool = False, **card) -> Path:
