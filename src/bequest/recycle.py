@@ -36,7 +36,15 @@ from bequest.io import atomic_dir, check_output, load_config, load_lm, load_mode
 from bequest.port.modules import CONFIG, attach, expected, misfits, read_module, save_tuned, with_module
 from bequest.recipe import CorpusFields, KDFields, OutputFields, TaskFields, TrainFields, TuningFields, defaults
 
-Method = Literal["init", "distill", "combined", "fresh"]
+# What each method does: start from the old task weights (moved to the new base), and/or learn from
+# the old tuned model as a teacher.
+METHODS = {
+    "init": dict(start_old=True, teacher=False),
+    "distill": dict(start_old=False, teacher=True),
+    "combined": dict(start_old=True, teacher=True),
+    "fresh": dict(start_old=False, teacher=False),
+}
+Method = Literal[tuple(METHODS)]
 
 
 # ---------------------------------------------------------------- M_i -> M_{i+1}
@@ -148,13 +156,14 @@ def _full(r: RecycleRecipe, labels: int):
         raise BequestError(f"{r.task_weights} is not a sequence classifier; give a fine-tuned model or adapter folder")
     if tuned.config.num_labels != labels:
         raise BequestError(f"{r.task_weights} predicts {tuned.config.num_labels} labels but --data has {labels}")
-    if r.method in ("init", "combined"):
+    plan = METHODS[r.method]
+    if plan["start_old"]:
         old, _ = load_model(r.old_base, with_tokenizer=False)
         new, _ = load_model(r.new_base, with_tokenizer=False)
         student = delta_init(old, new, tuned)
     else:
         student, _ = load_model(r.new_base, "seq_cls", num_labels=labels, seed=r.seed, with_tokenizer=False)
-    return student.train(), tuned if r.method in ("distill", "combined") else None
+    return student.train(), tuned if plan["teacher"] else None
 
 
 def _peft(r: RecycleRecipe, labels: int):
@@ -165,13 +174,14 @@ def _peft(r: RecycleRecipe, labels: int):
         raise BequestError(f"{r.task_weights} predicts {saved} labels but --data has {labels}")
     check_module_fits(module, r.new_base, labels)
     host, _ = load_model(r.new_base, module.task, num_labels=labels, seed=r.seed, with_tokenizer=False)
-    if r.method in ("init", "combined"):
+    plan = METHODS[r.method]
+    if plan["start_old"]:
         student = attach(host, module, trainable=True)
     else:
         torch.manual_seed(r.seed)
         student = with_module(host, module.config, trainable=True)
     teacher = None
-    if r.method in ("distill", "combined"):
+    if plan["teacher"]:
         check_module_fits(module, r.old_base, labels)
         old, _ = load_model(r.old_base, module.task, num_labels=labels, seed=r.seed, with_tokenizer=False)
         teacher = attach(old, module, trainable=False)
