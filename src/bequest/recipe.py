@@ -211,7 +211,8 @@ def one_line(e: ValidationError, source: str) -> str:
     err = e.errors()[0]
     where = ".".join(str(x) for x in err["loc"]) or "recipe"
     more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-    return f"{source}: {where}: {err['msg']}{more}; fix that value"
+    got = f", not {err['input']!r}" if isinstance(err.get("input"), (str, int, float)) else ""
+    return f"{source}: {where}: {err['msg']}{got}{more}; fix that value"
 
 
 def read_yaml(path: str | Path) -> dict:
