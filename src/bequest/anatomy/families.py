@@ -105,6 +105,29 @@ _BERT_KEYS = {
     "positions": "max_position_embeddings",
 }
 
+def _bert_like(name: str, config_class: str, *, heads: dict, tokenizer: str, position_offset: int = 0) -> Family:
+    """A post-norm encoder of BERT's layout; the families differ in their heads' paths and tokenizer."""
+    return Family(
+        name=name,
+        model_types=(name,),
+        config_class=config_class,
+        base_prefix=name,
+        layer_path="encoder.layer.{i}",
+        embed=_BERT_EMBED,
+        layer=_BERT_LAYER,
+        final={"pooler": "pooler.dense"},
+        heads=heads,
+        norm="layernorm",
+        norm_position="post",
+        eps_key="layer_norm_eps",
+        config_keys=_BERT_KEYS,
+        tokenizer=tokenizer,
+        tasks=("base", "masked_lm", "seq_cls"),
+        tiny={"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+        position_offset=position_offset,
+    )
+
+
 FAMILIES: dict[str, Family] = {
     "gpt2": Family(
         name="gpt2",
@@ -139,15 +162,9 @@ FAMILIES: dict[str, Family] = {
         fused_qkv=True,
         tiny={"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
     ),
-    "bert": Family(
-        name="bert",
-        model_types=("bert",),
-        config_class="BertConfig",
-        base_prefix="bert",
-        layer_path="encoder.layer.{i}",
-        embed=_BERT_EMBED,
-        layer=_BERT_LAYER,
-        final={"pooler": "pooler.dense"},
+    "bert": _bert_like(
+        "bert",
+        "BertConfig",
         heads={
             "lm_head.dense": "cls.predictions.transform.dense",
             "lm_head.norm": "cls.predictions.transform.LayerNorm",
@@ -155,23 +172,11 @@ FAMILIES: dict[str, Family] = {
             "lm_head.bias": "cls.predictions.bias",
             "classifier": "classifier",
         },
-        norm="layernorm",
-        norm_position="post",
-        eps_key="layer_norm_eps",
-        config_keys=_BERT_KEYS,
         tokenizer="wordpiece",
-        tasks=("base", "masked_lm", "seq_cls"),
-        tiny={"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
     ),
-    "roberta": Family(
-        name="roberta",
-        model_types=("roberta",),
-        config_class="RobertaConfig",
-        base_prefix="roberta",
-        layer_path="encoder.layer.{i}",
-        embed=_BERT_EMBED,
-        layer=_BERT_LAYER,
-        final={"pooler": "pooler.dense"},
+    "roberta": _bert_like(
+        "roberta",
+        "RobertaConfig",
         heads={
             "lm_head.dense": "lm_head.dense",
             "lm_head.norm": "lm_head.layer_norm",
@@ -180,13 +185,7 @@ FAMILIES: dict[str, Family] = {
             "classifier.dense": "classifier.dense",
             "classifier": "classifier.out_proj",
         },
-        norm="layernorm",
-        norm_position="post",
-        eps_key="layer_norm_eps",
-        config_keys=_BERT_KEYS,
         tokenizer="bpe",
-        tasks=("base", "masked_lm", "seq_cls"),
-        tiny={"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
         position_offset=2,
     ),
     "llama": _llama_like("llama", "LlamaConfig"),
