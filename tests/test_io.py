@@ -138,3 +138,26 @@ def test_the_full_app_lists_every_verb():
     assert names == {"info", "study"} | {name for group, name, *_ in VERBS if group is None}
     help_text = CliRunner().invoke(app, ["study", "--help"]).output
     assert "port" in help_text
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_missing_tensor_is_an_error_naming_it(tmp_path, family):
+    """A checkpoint missing one tensor is refused, never completed with random weights."""
+    from safetensors.torch import load_file, save_file
+
+    out = io.save_model(tmp_path / "m", tiny(family, LM_TASK[family]), operation="test")
+    tensors = load_file(str(out / "model.safetensors"))
+    dropped = next(k for k in tensors if ".1." in k and k.endswith("weight"))  # a block's weight
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(BequestError, match=f"no tensor for .*{dropped.split('.', 1)[1]}.*incomplete"):
+        io.load_model(out)
+    with pytest.raises(BequestError, match="incomplete"):
+        io.load_model(out, "seq_cls", num_labels=2)  # a new head is fine, a missing body tensor is not
+    result = CliRunner().invoke(app, ["info", str(out)])
+    assert result.exit_code == 2 and "incomplete" in result.output and result.output.count("\n") == 1
+
+
+def test_new_head_on_an_lm_is_not_missing(tmp_path):
+    out = io.save_model(tmp_path / "m", tiny("llama", "causal_lm"), operation="test")
+    model, _ = io.load_model(out, "seq_cls", num_labels=3)
+    assert model.config.num_labels == 3

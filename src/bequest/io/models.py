@@ -37,15 +37,13 @@ def load_config(path: str | Path) -> transformers.PretrainedConfig:
 
 
 def check_checkpoint(path: Path, config, task: str) -> dict[str, dict]:
-    """Every tensor has a role and the shape the config implies, checked before anything loads.
+    """Every tensor has a role and the shape the config implies, and every tensor the checkpoint's own
+    model needs is there, checked before anything loads (transformers would fill a missing one with
+    random values and only warn).
 
     Returns the parameter tensors' headers (name -> dtype, shape, offsets), buffers left out.
     """
-    auto = getattr(transformers, AUTO_CLASSES[task])
-    with torch.device("meta"):
-        skeleton = auto.from_config(config)
-    anat = anatomy(skeleton, task)
-    params = dict(skeleton.named_parameters())
+    anat, params = _skeleton(config, task)
     expected = {str(slot): tuple(params[n].shape) for n, slot in anat.slots(params).items()}
     headers = {}
     for file in weight_files(path):
@@ -63,7 +61,23 @@ def check_checkpoint(path: Path, config, task: str) -> dict[str, dict]:
                     f"{want}; the weights and config.json do not belong together"
                 )
             headers[name] = info
+    own = task_of(config)  # a head the checkpoint never had (a classifier on an LM) is new, not missing
+    own_anat, own_params = (anat, params) if own == task else _skeleton(config, own)
+    found = {str(slot) for slot in anat.slots(headers).values()}
+    missing = [(n, str(s)) for n, s in own_anat.slots(own_params).items() if str(s) not in found]
+    if missing:
+        name, slot = missing[0]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise BequestError(f"{path}: no tensor for {name} ({slot}){more}; the checkpoint is incomplete, "
+                           "re-save or re-download it")
     return headers
+
+
+def _skeleton(config, task: str):
+    """(anatomy, parameters) of a weightless model of `config` with the `task` head."""
+    with torch.device("meta"):
+        skeleton = getattr(transformers, AUTO_CLASSES[task]).from_config(config)
+    return anatomy(skeleton, task), dict(skeleton.named_parameters())
 
 
 def load_tokenizer(path: str | Path, required: str | None = None):
