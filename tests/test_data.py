@@ -261,8 +261,8 @@ def test_validation_file_in_a_directory_is_used(files):
     [
         (lambda f: load_text_files(f / "missing.csv"), "does not exist"),
         (lambda f: load_text_files(f / "notes.xml"), "unsupported extension"),
-        (lambda f: load_text_files(f / "rows.csv", text_column="body"), "no column 'body'.*text_column"),
-        (lambda f: load_labeled_files(f / "rows.csv", label_column="y"), "no column 'y'.*label_column"),
+        (lambda f: load_text_files(f / "rows.csv", text_column="body"), "no column 'body'.*--text-column"),
+        (lambda f: load_labeled_files(f / "rows.csv", label_column="y"), "no column 'y'.*--label-column"),
         (lambda f: load_labeled_files(f / "lines.txt"), "hold no labels"),
         (lambda f: load_text_files(f / "empty.csv"), "empty.csv is empty"),
         (lambda f: load_text_files(f), "mixes formats"),
@@ -273,3 +273,28 @@ def test_bad_user_files_raise_one_line_errors(files, call, message):
     with pytest.raises(BequestError, match=message) as err:
         call(files)
     assert "\n" not in str(err.value)
+
+
+def test_label_column_needs_two_labels_of_one_type(tmp_path):
+    """One label would train a regression model scoring 1.000; mixed types used to crash inside Arrow."""
+    rows = [{"text": f"document {i} says something", "label": "only"} for i in range(30)]
+    (tmp_path / "single.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(BequestError, match="at least two labels.*--label-column"):
+        load_labeled_files(tmp_path / "single.jsonl")
+    rows = [{"text": f"document {i} says something", "label": i % 3 if i % 2 else "x"} for i in range(30)]
+    (tmp_path / "mixed.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(BequestError, match="all strings or all integers"):
+        load_labeled_files(tmp_path / "mixed.jsonl")
+
+
+def test_file_settings_reach_the_reader(tmp_path):
+    """--text-column / --label-column / --validation-fraction, which the errors recommend, exist and work."""
+    from bequest.data.prepare import task_splits
+    from bequest.finetune import FinetuneRecipe
+
+    rows = [{"body": f"document {i} says something", "y": "ab"[i % 2]} for i in range(60)]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    r = FinetuneRecipe(model="m", out="o", data=str(tmp_path / "rows.jsonl"), text_column="body", label_column="y",
+                       validation_fraction=0.5)
+    train, val = task_splits(r.data, files=r)
+    assert len(train) + len(val) == 60 and len(val) > 15 and val.features["label"].names == ["a", "b"]

@@ -199,7 +199,7 @@ def analyze(r: AnalyzeRecipe) -> dict:
     if r.kind == "weights":
         result = weight_stats(a, b)
     else:
-        _, texts = task_splits(r.data, eval_examples=r.eval_examples)
+        _, texts = task_splits(r.data, eval_examples=r.eval_examples, files=r)
         encoded = labelled(texts, tokenizer, r.max_len)
         if r.kind == "lmc":
             for path, m in ((r.a, a), (r.b, b)):

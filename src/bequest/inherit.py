@@ -212,7 +212,7 @@ def inherit(r: InheritRecipe) -> dict:
     if r.precompute and t.task != "causal_lm":
         raise BequestError("precomputed logits need a causal LM (MLM masks change each epoch); drop --precompute")
 
-    train_text, eval_text = text_splits(r.corpus, r.domain)
+    train_text, eval_text = text_splits(r)
     train_set, eval_set = lm_splits(train_text, eval_text, tokenizer, t.task, r)
 
     chain = r.generations is not None

@@ -26,7 +26,7 @@ def pretrain(r: PretrainRecipe) -> dict:
     check_output(r.out, r.overwrite)
     fam = FAMILIES[r.family]
     task = "masked_lm" if "masked_lm" in fam.tasks else "causal_lm"
-    train_text, eval_text = text_splits(r.corpus, r.domain)
+    train_text, eval_text = text_splits(r)
     # Your own corpus gets its own tokenizer; the embedded one shares a cached tokenizer across runs.
     own_text = None if r.corpus == "default" else list(train_text["text"])
     tokenizer = data.train_tokenizer(fam.tokenizer, r.vocab, texts=own_text)

@@ -146,7 +146,16 @@ class BlockFields(Recipe):
     eval_blocks: int = Field(64, ge=1, description="validation blocks evaluated each time")
 
 
-class CorpusFields(BlockFields):
+class FileFields(Recipe):
+    """How bequest reads your own data files (the embedded corpus and tasks ignore these)."""
+
+    text_column: str = Field("text", description="column holding the text in your .jsonl/.csv/.parquet files")
+    validation_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0, description="share of your rows held out for validation when no validation file is given"
+    )
+
+
+class CorpusFields(BlockFields, FileFields):
     corpus: str = Field("default", description="'default' (embedded stdlib corpus) or a path to your text/jsonl/csv/parquet")
     domain: str | None = Field(None, description="one domain of the embedded corpus (default: all)")
 
@@ -168,8 +177,9 @@ def _tasks() -> str:
     return ", ".join(TASKS)
 
 
-class TaskFields(ExampleFields):
-    data: str = Field("domain", description=f"embedded task ({_tasks()}) or a labelled data file")
+class TaskFields(ExampleFields, FileFields):
+    data: str = Field("domain", description=f"embedded task ({_tasks()}) or a labelled data file or folder")
+    label_column: str = Field("label", description="column holding the label in your data files")
 
 
 class LoraFields(Recipe):

@@ -61,7 +61,7 @@ def continue_pretrain(r: ContinueRecipe) -> dict:
     check_output(r.out, r.overwrite)
     model, tokenizer, a = load_lm(r.model, r.seq_len, "continue pre-training")
     # The old tokenizer is kept whatever the corpus: recycled task weights index the same vocabulary.
-    train_text, eval_text = text_splits(r.corpus, r.domain)
+    train_text, eval_text = text_splits(r)
     train_set, eval_set = lm_splits(train_text, eval_text, tokenizer, a.task, r)
     recipe = r.model_dump(exclude={"overwrite"})
     work = prepare_work(r.out, recipe, r.overwrite)

@@ -111,7 +111,7 @@ def _split(path, split: str, text_column: str, fraction: float, label_column: st
     """Both splits' datasets (text column checked) and the row indices of `split`."""
     check_split(split)
     if not 0 < fraction < 1:
-        raise BequestError(f"validation_fraction must be between 0 and 1, not {fraction}")
+        raise BequestError(f"--validation-fraction must be between 0 and 1, not {fraction}")
     builder, files = _find(path)
     if builder == "text" and label_column is not None:
         raise BequestError(f"{path}: .txt files hold no labels; use .jsonl, .csv or .parquet with a label column")
@@ -120,17 +120,17 @@ def _split(path, split: str, text_column: str, fraction: float, label_column: st
     for sp in SPLITS:
         if files[sp]:
             ds = loaded[sp] = _load(builder, files[sp])
-            _check_column(ds, text_column, files[sp], "text_column")
+            _check_column(ds, text_column, files[sp], "--text-column")
             if label_column is not None:
-                _check_column(ds, label_column, files[sp], "label_column")
+                _check_column(ds, label_column, files[sp], "--label-column")
             if getattr(ds.features[text_column], "dtype", None) not in ("string", "large_string"):
-                raise BequestError(f"column {text_column!r} of {files[sp][0]} is not text; choose one with text_column")
+                raise BequestError(f"column {text_column!r} of {files[sp][0]} is not text; choose one with --text-column")
     own_file = bool(files["validation"])
     source = loaded[split] if own_file else loaded["train"]
     rows = _rows(source, text_column, split, None if own_file else fraction)
     if not rows:
         fix = "raise" if split == "validation" else "lower"
-        raise BequestError(f"no {split} rows with text in {path}; add data or {fix} validation_fraction")
+        raise BequestError(f"no {split} rows with text in {path}; add data or {fix} --validation-fraction")
     return loaded, source, text_column, rows
 
 
@@ -148,12 +148,16 @@ def load_text_files(
         return texts.cast(datasets.Features({"text": datasets.Value("string")}))
 
 
-def _label_names(values: set, path, label_column: str) -> list:
+def _label_names(values: list, path, label_column: str) -> list:
     if any(v is None for v in values):
         raise BequestError(f"{path}: some rows have no {label_column!r}; fill them in or drop those rows")
-    if all(isinstance(v, str) for v in values) or all(isinstance(v, int) for v in values):
-        return sorted(values)
-    raise BequestError(f"{path}: {label_column!r} must hold all strings or all integers; fix that column")
+    if not (all(isinstance(v, str) for v in values) or all(isinstance(v, int) for v in values)):
+        raise BequestError(f"{path}: {label_column!r} must hold all strings or all integers; fix that column")
+    names = sorted(set(values))
+    if len(names) < 2:
+        raise BequestError(f"{path}: every row has the label {names[0]!r}; a classifier needs at least two labels, "
+                           "add examples of another class or pick another column with --label-column")
+    return names
 
 
 def load_labeled_files(
@@ -168,7 +172,7 @@ def load_labeled_files(
 
     loaded, source, text_column, rows = _split(path, split, text_column, validation_fraction, label_column)
     # Names come from both splits, so a label id means the same class in each.
-    values = {v for ds in loaded.values() for v in ds.unique(label_column)}
+    values = [v for ds in loaded.values() for v in ds[label_column]]  # in Python: a JSON column may mix types
     names = _label_names(values, path, label_column)
     index = {v: i for i, v in enumerate(names)}
     picked = source.select(rows)

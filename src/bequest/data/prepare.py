@@ -32,18 +32,23 @@ def check_room(anat, tokens: int, flag: str, where="the model") -> None:
 # ---------------------------------------------------------------- language-model text
 
 
-def text_splits(corpus: str, domain: str | None = None):
-    """(train, validation) text of the embedded corpus (one domain, or all) or of the user's files."""
-    if corpus == "default":
-        return load_corpus(domain, "train"), load_corpus(domain, "validation")
-    if domain is not None:
+def text_splits(r):
+    """(train, validation) text of the embedded corpus (one domain, or all) or of the user's files
+    (`r`: a recipe with `CorpusFields`)."""
+    if r.corpus == "default":
+        return load_corpus(r.domain, "train"), load_corpus(r.domain, "validation")
+    if r.domain is not None:
         raise BequestError("--domain selects a part of the embedded corpus; drop it when --corpus is a path")
-    return load_text_files(corpus, "train"), load_text_files(corpus, "validation")
+    return domain_texts(r.corpus, "train", r), domain_texts(r.corpus, "validation", r)
 
 
-def domain_texts(spec: str, split: str):
-    """One domain of a stream: an embedded corpus domain by name, or the user's files by path."""
-    return load_corpus(spec, split) if spec in DOMAINS else load_text_files(spec, split)
+def domain_texts(spec: str, split: str, files=None):
+    """One domain: an embedded corpus domain by name, or the user's files by path (read as `files`,
+    a recipe with `FileFields`, says)."""
+    if spec in DOMAINS:
+        return load_corpus(spec, split)
+    how = {} if files is None else {"text_column": files.text_column, "validation_fraction": files.validation_fraction}
+    return load_text_files(spec, split, **how)
 
 
 def lm_splits(train_text, eval_text, tokenizer, task: str, r) -> tuple:
@@ -64,13 +69,17 @@ def lm_splits(train_text, eval_text, tokenizer, task: str, r) -> tuple:
 # ---------------------------------------------------------------- labelled tasks
 
 
-def task_splits(name_or_path: str, *, train_examples: int | None = None, eval_examples: int | None = None):
-    """(train, validation) Datasets with text and label, from an embedded task name or a labelled file."""
+def task_splits(name_or_path: str, *, train_examples: int | None = None, eval_examples: int | None = None,
+                files=None):
+    """(train, validation) Datasets with text and label, from an embedded task name or a labelled file
+    (read as `files`, a recipe with `TaskFields`, says)."""
     if name_or_path in TASKS:
         train_set, eval_set = load_task(name_or_path, "train"), load_task(name_or_path, "validation")
     elif Path(name_or_path).exists():
-        train_set = load_labeled_files(name_or_path, "train")
-        eval_set = load_labeled_files(name_or_path, "validation")
+        how = {} if files is None else {"text_column": files.text_column, "label_column": files.label_column,
+                                        "validation_fraction": files.validation_fraction}
+        train_set = load_labeled_files(name_or_path, "train", **how)
+        eval_set = load_labeled_files(name_or_path, "validation", **how)
     else:
         raise BequestError(f"--data {name_or_path!r} is neither an embedded task ({', '.join(TASKS)}) nor a file")
     if train_examples:
@@ -84,6 +93,6 @@ def task_sets(r, tokenizer) -> tuple:
     """(train, eval, number of labels) of a recipe's task (`TaskFields`), tokenized for the engine."""
     from bequest.engine.data import labelled
 
-    train_set, eval_set = task_splits(r.data, train_examples=r.train_examples, eval_examples=r.eval_examples)
+    train_set, eval_set = task_splits(r.data, train_examples=r.train_examples, eval_examples=r.eval_examples, files=r)
     labels = train_set.features["label"].num_classes
     return labelled(train_set, tokenizer, r.max_len), labelled(eval_set, tokenizer, r.max_len), labels
