@@ -201,3 +201,89 @@ def test_pretrain_on_your_own_text_files(tmp_path):
     assert yaml.safe_load((out / "recipe.yaml").read_text())["corpus"] == str(corpus)
     bad = invoke("pretrain", *TINY, "--corpus", tmp_path / "nowhere", tmp_path / "n")
     assert bad.exit_code == 2 and "nowhere" in bad.output and not (tmp_path / "n").exists()
+
+
+# ---------------------------------------------------------------- outputs under faults
+
+
+def test_second_run_into_a_busy_out_is_refused(tmp_path):
+    out = tmp_path / "m"
+    args = ["pretrain", *TINY, "--steps", "400", "--eval-every", "400", "--save-every", "400"]
+    first = subprocess.Popen([sys.executable, "-m", "bequest", *map(str, args), str(out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / ".m.partial").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        second = invoke(*args[:-6], "--steps", "2", out)
+        assert second.exit_code == 2 and "being written by another bequest run" in second.output, second.output
+        assert second.output.count("\n") == 1
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_stale_temporary_folder_of_a_killed_run_is_removed(tmp_path):
+    stale = tmp_path / ".m.tmp-0123abcd"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    assert invoke("pretrain", *TINY, "--steps", "2", tmp_path / "m").exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_rerun_with_other_settings_replaces_a_run_without_progress(tmp_path):
+    """After a NaN stop before any checkpoint, following the advice (another --lr) must just work; a run
+    with checkpoints is kept until the user says --overwrite."""
+    for name, progress in (("m", False), ("k", True)):
+        work = tmp_path / f".{name}.partial"
+        (work / "checkpoints" / "checkpoint-10").mkdir(parents=True)
+        (work / "recipe.yaml").write_text(yaml.safe_dump({"lr": 100.0}))
+        if progress:
+            (work / "checkpoints" / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    assert invoke("pretrain", *TINY, "--steps", "2", tmp_path / "m").exit_code == 0
+    r = invoke("pretrain", *TINY, "--steps", "2", tmp_path / "k")
+    assert r.exit_code == 2 and "a checkpoint in" in r.output and "--overwrite" in r.output, r.output
+    assert invoke("pretrain", *TINY, "--steps", "2", "--overwrite", tmp_path / "k").exit_code == 0
+
+
+def test_corrupt_resume_checkpoint_is_named(tmp_path, monkeypatch):
+    import bequest.pretrain
+
+    args = [*TINY, "--steps", "4", "--eval-every", "2", "--save-every", "2", tmp_path / "m"]
+
+    def crash(*a, **k):
+        raise RuntimeError("killed")  # the run dies after training, before its output is in place
+
+    monkeypatch.setattr(bequest.pretrain, "atomic_dir", crash)
+    assert isinstance(invoke("pretrain", *args).exception, RuntimeError)
+    monkeypatch.undo()
+    ckpts = tmp_path / ".m.partial" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    (ckpts / "checkpoint-4" / "optimizer.pt").write_bytes(b"not a checkpoint")
+    r = invoke("pretrain", *args)
+    assert r.exit_code == 2 and "checkpoint-4 is unreadable" in r.output and "delete that folder" in r.output
+    import shutil
+
+    shutil.rmtree(ckpts / "checkpoint-4")
+    r = invoke("pretrain", *args)
+    assert r.exit_code == 0, r.output
+
+
+def test_overwrite_through_a_symlink_leaves_no_old_folder(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "keep.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(real)
+    assert invoke("pretrain", *TINY, "--steps", "2", "--overwrite", tmp_path / "link").exit_code == 0
+    assert (tmp_path / "link" / "config.json").exists() and not (tmp_path / "link").is_symlink()
+    assert (real / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_unwritable_out_and_unreadable_recipe_are_one_line_errors(tmp_path):
+    r = invoke("pretrain", *TINY, "--steps", "2", "/proc/bequest-test/m")
+    assert r.exit_code == 2 and "cannot write into" in r.output and r.output.count("\n") == 1, r.output
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(b"\xff\xfe\x00steps: 2")
+    r = invoke("pretrain", "--recipe", recipe, tmp_path / "m")
+    assert r.exit_code == 2 and "not UTF-8" in r.output and r.output.count("\n") == 1, r.output

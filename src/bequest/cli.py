@@ -39,8 +39,14 @@ GROUPS = {"study": "Grid studies of a method: hosts x types x seeds."}
 
 
 def _fail(e: Exception) -> typing.NoReturn:
-    typer.echo(f"error: {e}", err=True)
+    # On a line of its own: a progress bar may have left the cursor mid-line.
+    typer.echo(f"\nerror: {e}" if _mid_line() else f"error: {e}", err=True)
     raise typer.Exit(2)
+
+
+def _mid_line() -> bool:
+    """Whether a progress bar was drawn on the terminal (and may have left the cursor after it)."""
+    return sys.stderr.isatty()
 
 
 def _cli_type(annotation):
@@ -90,10 +96,14 @@ def verb(group: typer.Typer, name: str, recipe_cls: type[BaseModel], run: Callab
     )
 
     def command(**kwargs):
+        from bequest.io import release
+
         try:
             run(resolve(recipe_cls, kwargs.pop("recipe"), **kwargs))
         except BequestError as e:
             _fail(e)
+        finally:
+            release()  # the run's outputs are done with, finished or not
 
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = run.__doc__

@@ -231,6 +231,8 @@ def read_yaml(path: str | Path) -> dict:
         data = yaml.safe_load(path.read_text())
     except OSError as e:
         raise BequestError(f"{path}: cannot read recipe ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise BequestError(f"{path}: not UTF-8 text; save the recipe as UTF-8 YAML") from None
     except yaml.YAMLError as e:
         raise BequestError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the recipe") from None
     if data is None:

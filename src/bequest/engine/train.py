@@ -17,10 +17,11 @@ import transformers
 import yaml
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
+from transformers.trainer_pt_utils import safe_globals
 
 from bequest.engine.data import collator
 from bequest.errors import BequestError
-from bequest.io import partial_dir
+from bequest.io import partial_dir, read_header
 from bequest.recipe import TrainFields
 
 
@@ -39,15 +40,35 @@ def prepare_work(out: str | Path, recipe: dict, overwrite: bool) -> Path:
     work = partial_dir(out)
     saved = work / "recipe.yaml"
     if state.is_main_process and work.exists():
-        if overwrite:
+        if overwrite or not _progress(work):  # nothing there worth keeping (say, a run stopped by a NaN)
             shutil.rmtree(work)
-        elif not saved.exists() or yaml.safe_load(saved.read_text()) != recipe:
-            raise BequestError(f"{work} holds an unfinished run of another recipe; pass --overwrite to start afresh")
+        elif _saved_recipe(saved) != recipe:
+            raise BequestError(
+                f"{work} holds an unfinished run of other settings ({_progress(work)}); rerun with the settings "
+                "in its recipe.yaml to resume it, or pass --overwrite to start over"
+            )
     if state.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
         saved.write_text(yaml.safe_dump(recipe, sort_keys=False))
     state.wait_for_everyone()
     return work
+
+
+def _saved_recipe(path: Path) -> dict | None:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+
+
+def _progress(work: Path) -> str | None:
+    """What an unfinished run has achieved that a rerun would resume from (None: nothing)."""
+    for name, what in (("trainer_state.json", "a checkpoint"), ("stage.json", "a finished stage"),
+                       ("eval.json", "a finished generation")):
+        found = sorted(work.rglob(name))
+        if found:
+            return f"{what} in {found[-1].parent}"
+    return None
 
 
 class _Bookkeeping(transformers.TrainerCallback):
@@ -91,6 +112,23 @@ def _last_complete_checkpoint(folder: Path) -> str | None:
         else:
             shutil.rmtree(ckpt, ignore_errors=True)
     return str(done) if done else None
+
+
+def _check_checkpoint(ckpt: Path) -> None:
+    """Read every file the Trainer will resume from, before it does: a bad one is named, with the way out."""
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+        for f in sorted(ckpt.glob("*.safetensors")):
+            read_header(f)
+        with safe_globals():  # the Trainer's own restricted loader, numpy's RNG state allowed
+            for f in sorted([*ckpt.glob("*.pt"), *ckpt.glob("*.pth")]):
+                torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever breaks the read (truncation, bad JSON, a refused pickle)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BequestError(
+            f"checkpoint {ckpt} is unreadable ({reason[:160]}); delete that folder to resume from the one before, "
+            "or pass --overwrite to start over"
+        ) from None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -153,6 +191,8 @@ def train(
             _truncate_metrics(metrics_path, int(Path(last).name.split("-")[-1]))
     if processes().num_processes > 1:  # every process resumes from the checkpoint the main one chose
         last = broadcast_object_list([last])[0]
+    if last:
+        _check_checkpoint(Path(last))
     args.eval_on_start = last is None  # a resumed run already has its starting point logged
     trainer = trainer_class(
         model=model,

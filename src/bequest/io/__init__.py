@@ -6,7 +6,7 @@
 - `folders`: atomic output folders and the hidden work folder of a run.
 """
 
-from bequest.io.folders import atomic_dir, check_output, partial_dir
+from bequest.io.folders import atomic_dir, check_output, partial_dir, release
 from bequest.io.models import (
     check_checkpoint, load_config, load_lm, load_model, load_tokenizer, model_card, read_lineage, save_model, save_recipe,
     write_model,
@@ -25,6 +25,7 @@ __all__ = [
     "partial_dir",
     "read_header",
     "read_lineage",
+    "release",
     "save_model",
     "save_recipe",
     "weight_files",
