@@ -222,7 +222,7 @@ def majority_accuracy(task: str, n: int) -> float:
 
 def run_stream(job: dict) -> dict:
     """One stream of `bequest learn`: its metrics, accuracy matrix and learning accuracy."""
-    from bequest.learn import LearnRecipe, learn
+    from bequest.continual import LearnRecipe, learn
 
     setting, name, c = SETTINGS[job["setting"]], job["name"], job["c"]
     method, _, threshold = name.partition("@")

@@ -18,11 +18,12 @@ from typer.testing import CliRunner
 from bequest import data
 from bequest.anatomy import FAMILIES, build_model, make_config
 from bequest.cli import app
+from bequest.continual import continual_metrics
 from bequest.engine import TrainFields, labelled, train
 from bequest.engine.migu import MIGU, MIGUTrainer, keep_top
+from bequest.engine.replay import Memory
 from bequest.errors import BequestError
 from bequest.io import load_model, save_model
-from bequest.learn import Memory, continual_metrics
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -301,7 +302,7 @@ SCRIPT = textwrap.dedent("""
     from bequest.anatomy import build_model, make_config
     from bequest.engine import TrainFields, labelled, train
     from bequest.engine.migu import MIGU, MIGUTrainer
-    from bequest.learn import LearnRecipe, learn
+    from bequest.continual import LearnRecipe, learn
 
     class Recording(MIGU):
         def _all_reduce(self, flat):
@@ -368,7 +369,7 @@ def test_metrics_of_a_hand_computed_matrix():
 
 
 def test_replay_memory_is_bounded_shared_and_mixed_at_its_fraction():
-    memory = Memory(50, seed=0)
+    memory = Memory(size=50, seed=0)
     first, second = Dataset.from_dict({"x": list(range(100))}), Dataset.from_dict({"x": list(range(100, 200))})
     memory.add(first)
     assert len(memory.kept[0]) == 50
@@ -467,7 +468,7 @@ def test_generate_needs_a_causal_model(tmp_path, tiny_models):
 
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
 def test_union_head_keeps_the_body(tiny_models, family):
-    from bequest.learn import _union_head
+    from bequest.continual.run import _union_head
 
     source, _ = load_model(tiny_models[family])  # a causal or masked LM, as pre-trained
     model = _union_head(source, ["a:x", "a:y", "b:x"], seed=0)

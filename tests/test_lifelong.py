@@ -8,11 +8,13 @@ import pytest
 from datasets import Dataset
 from typer.testing import CliRunner
 
-import bequest.lifelong as lifelong_module
+import bequest.lifelong.run as lifelong_run
 from bequest.anatomy import anatomy
+from bequest.engine.replay import Memory, replay_order
+from bequest.errors import BequestError
 from bequest.io import load_model, read_lineage
 from bequest.lifelong import (
-    LifelongRecipe, encode, lifelong, next_shape, parse_schedule, perplexity, prompt_id, replay_order, stream_metrics,
+    LifelongRecipe, encode, lifelong, next_shape, parse_schedule, perplexity, prompt_id, stage_metrics,
 )
 from conftest import tiny
 
@@ -39,12 +41,39 @@ def test_every_batch_holds_the_set_fraction_of_memory(batch, fraction):
     assert all(i < n_new for i in replay_order(n_new, 0, batch, 5, 0.5, seed=0))
 
 
+@pytest.mark.parametrize("batch", [1, 4, 5])
+def test_a_fraction_that_rounds_to_no_replay_is_refused(batch):
+    # round(0.1 * 5) is round(0.5) = 0 too (round half to even): replay would silently be off.
+    with pytest.raises(BequestError, match="--batch-size to 6 or more"):
+        replay_order(37, 11, batch, 3, 0.1, seed=0)
+    assert len(replay_order(37, 11, 6, 3, 0.1, seed=0)) == 18
+
+
+def test_lifelong_refuses_a_replay_that_rounds_to_none_before_training(tmp_path):
+    r = LifelongRecipe(out=str(tmp_path / "r"), **{**SMALL, "replay_fraction": 0.1}, method="replay")
+    with pytest.raises(BequestError, match="--replay-fraction 0.1 of a batch of 4"):
+        lifelong(r)
+    assert not (tmp_path / ".r.partial").exists()
+
+
+def test_per_domain_memory_and_its_windows():
+    memory = Memory(seed=0, per_source=5)
+    memory.add(Dataset.from_dict({"x": list(range(20))}))
+    memory.add(Dataset.from_dict({"x": list(range(100, 103))}))
+    assert [len(d) for d in memory.kept] == [5, 3]  # a cap per domain, in corpus order
+    assert memory.kept[0]["x"] == sorted(memory.kept[0]["x"])
+    new = Dataset.from_dict({"x": list(range(1000, 1040))})
+    windows = memory.windows(new, 8, 4, 0.25, seed=1)["x"]
+    assert [sum(x < 1000 for x in windows[i:i + 8]) for i in range(0, 32, 8)] == [2] * 4
+    assert all(x < 1000 for x in memory.windows(None, 8, 2, 1.0, seed=1)["x"])
+
+
 def test_ap_and_ap_plus_by_hand():
     domains = ["a", "b", "c"]
     ppl = [{"a": 10.0, "b": 50.0, "c": 60.0},
            {"a": 12.0, "b": 20.0, "c": 40.0},
            {"a": 15.0, "b": 23.0, "c": 8.0}]
-    got = stream_metrics(ppl, domains)
+    got = stage_metrics(ppl, domains)
     assert got[0] == {"AP": 10.0, "AP+": None}
     assert got[1]["AP"] == pytest.approx((12 + 20) / 2) and got[1]["AP+"] == pytest.approx(12 - 10)
     assert got[2]["AP"] == pytest.approx((15 + 23 + 8) / 3)
@@ -69,7 +98,7 @@ def test_prompted_and_plain_blocks_score_the_same_tokens():
 
 
 def test_three_domain_stream_end_to_end_and_resume(tmp_path, monkeypatch):
-    real, calls, firsts = lifelong_module.train, [], []
+    real, calls, firsts = lifelong_run.train, [], []
 
     def dies_in_stage_two(*args, **kwargs):
         calls.append(Path(args[5]).name)
@@ -78,7 +107,7 @@ def test_three_domain_stream_end_to_end_and_resume(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lifelong_module, "train", dies_in_stage_two)
+    monkeypatch.setattr(lifelong_run, "train", dies_in_stage_two)
     out = tmp_path / "elle"
     r = LifelongRecipe(out=str(out), **SMALL)
     with pytest.raises(KeyboardInterrupt):
@@ -159,7 +188,7 @@ def test_cli_refuses_bad_settings_in_one_line(tmp_path):
     assert bad.exit_code == 2 and "causal" in bad.output, bad.output
     bad = CliRunner().invoke(app, ["lifelong", str(tmp_path / "x"), "--width", "nope", "--domains", "text,data",
                                    "--vocab", "500", "--hidden", "32", "--heads", "2"])
-    assert bad.exit_code == 2 and "nope" in bad.output, bad.output
+    assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "width" in bad.output, bad.output
     assert not (tmp_path / "x").exists() and not (tmp_path / ".x.partial").exists()
 
 

@@ -27,7 +27,7 @@ VERBS = [
     (None, "grow", "bequest.grow.command", "GrowRecipe", "grow_command", ("src", "out")),
     (None, "inherit", "bequest.inherit", "InheritRecipe", "inherit", ("out",)),
     (None, "lifelong", "bequest.lifelong", "LifelongRecipe", "lifelong", ("out",)),
-    (None, "learn", "bequest.learn", "LearnRecipe", "learn", ("out",)),
+    (None, "learn", "bequest.continual", "LearnRecipe", "learn", ("out",)),
     (None, "finetune", "bequest.finetune", "FinetuneRecipe", "finetune", ("out",)),
     (None, "continue-pretrain", "bequest.recycle", "ContinueRecipe", "continue_pretrain", ("out",)),
     (None, "recycle", "bequest.recycle", "RecycleRecipe", "recycle", ("out",)),

@@ -1,10 +1,12 @@
-"""Shared training machinery: data to blocks, Trainer runs, FLOP accounting."""
+"""Shared training machinery: data to blocks, Trainer runs, FLOP accounting, replay memory."""
 
 from bequest.engine.data import collator, fixed_masks, labelled, lm_blocks
 from bequest.engine.flops import forward_flops_per_token, matmul_params, train_flops_per_token
+from bequest.engine.replay import Memory, memory_share, replay_order
 from bequest.engine.train import TrainFields, curve, prepare_work, processes, train
 
 __all__ = [
+    "Memory",
     "TrainFields",
     "collator",
     "curve",
@@ -13,8 +15,10 @@ __all__ = [
     "labelled",
     "lm_blocks",
     "matmul_params",
+    "memory_share",
     "prepare_work",
     "processes",
+    "replay_order",
     "train",
     "train_flops_per_token",
 ]

@@ -5,7 +5,8 @@ A `TrainerCallback` plus forward hooks. During each optimizer step, every masked
 adds up, per OUTPUT feature, the L1 magnitude of its output over the step's real tokens: padding is
 left out (the original code counted it). Before the optimizer step the statistic is summed across
 processes, and in every layer the gradient rows of the fraction T with the smallest magnitude are
-zeroed, so only the top (1 - T) rows learn. As in the paper, biases, embeddings and norms are not masked;
+zeroed, so only the top (1 - T) rows learn. T is `threshold`: the FRACTION OF OUTPUT ROWS MASKED (their
+gradient zeroed) in every layer, in [0, 1), never a magnitude; 0.7 masks 70% of each layer's rows. As in the paper, biases, embeddings and norms are not masked;
 the layers named in `skip` (task heads) never are.
 
 - Scope `all` (off by default; not in the paper): embeddings and norms are measured and masked the same
@@ -43,7 +44,7 @@ from bequest.errors import BequestError
 
 
 def keep_top(stat: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Boolean mask of the n - floor(T * n) largest entries of `stat` (T = fraction masked)."""
+    """Boolean mask of the n - floor(T * n) largest entries of `stat` (T = `threshold`, the fraction masked)."""
     n = stat.numel()
     keep = n - math.floor(threshold * n + 1e-9)  # 1e-9: 0.7 * 10 must count as 7, not 7.000000000000001 -> 7
     mask = torch.zeros(n, dtype=torch.bool, device=stat.device)
@@ -101,7 +102,10 @@ def _targets(module: nn.Module, axis: int, scope: str) -> list[tuple[nn.Paramete
 
 
 class MIGU(transformers.TrainerCallback):
-    """Mask each step's gradient rows to the layers' largest output magnitudes (or random rows)."""
+    """Mask each step's gradient rows to the layers' largest output magnitudes (or random rows).
+
+    `threshold` is the fraction of every layer's output rows masked (gradient zeroed), not a magnitude.
+    """
 
     def __init__(self, model: nn.Module, threshold: float = 0.7, *, random: bool = False,
                  skip: tuple[str, ...] = (), seed: int = 0, hold: bool = False, scope: str = "linear"):
