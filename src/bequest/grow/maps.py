@@ -1,14 +1,16 @@
-"""The growth maps (growth.json's "maps"): which new unit and layer came from which old one, so
-adapters, optimizer states and ported modules can follow the growth."""
+"""The growth maps (growth.json's "maps"): which new unit and layer came from which old one, and how
+fresh units were filled, so adapters, optimizer states and ported modules can follow the growth."""
 
 from __future__ import annotations
 
 from bequest.anatomy import Anatomy
+from bequest.grow.width import fills
 
 
 def growth_maps(width: str, depth: str, anat: Anatomy, spaces: dict, stack: list, notes: dict, pooled: bool) -> dict:
     """JSON-serialisable: per unit space, new unit -> old unit (None: fresh); per new block, its source
-    layer (None: a fresh identity block)."""
+    layer (None: a fresh identity block); per space, its fill rule."""
+    kept = ("hidden", "heads", "kv_heads", "ffn", *(("pool",) if pooled else ()))
     maps = {
         "width": width,
         "depth": depth,
@@ -22,4 +24,5 @@ def growth_maps(width: str, depth: str, anat: Anatomy, spaces: dict, stack: list
         maps["pool"] = list(spaces["pool"].units)
     if "new_units_from_layer" in notes:
         maps["new_units_from_layer"] = [notes["new_units_from_layer"][src] for src, _ in stack]
+    maps["fill"] = fills({k: spaces[k] for k in kept})
     return maps

@@ -290,6 +290,11 @@ def widen(op: WidthOperator, state: dict, spaces: dict, notes: dict, gen, option
     return {k: op.expand(k, t, spaces, gen, options, state.get(op.donor(k, notes))) for k, t in state.items()}
 
 
+def fills(spaces: dict[str, Space]) -> dict[str, dict]:
+    """Per unit space, what writers put into its fresh units and what readers take from them."""
+    return {name: {"write": sp.write, "read": sp.read} for name, sp in spaces.items()}
+
+
 def eps_factor(spaces: dict[str, Space]) -> float:
     """d/d' when fresh hidden coordinates pad the residual stream (see `_norm`), else 1."""
     src = spaces["hidden"].entries()
