@@ -30,7 +30,7 @@ from bequest.grow.depth import DEPTH, WRITERS, moved, new_blocks
 from bequest.grow.maps import growth_maps
 from bequest.grow.noise import add_noise, expanded
 from bequest.grow.spec import GrowSpec, target_shape
-from bequest.grow.state import from_roles, grown_config, join_key, split_key, to_roles
+from bequest.grow.state import QKV, from_roles, grown_config, join_key, split_key, to_roles
 from bequest.grow.width import WIDTH, WidthOperator, eps_factor, expand_options, is_pooled
 from bequest.io import (
     DTYPES, StoredTensor, TensorReader, check_checkpoint, create_file, encode_header, load_config, pwrite, shard_names,
@@ -191,7 +191,7 @@ def plan(src: str | Path, spec: GrowSpec, shard_size: int = 2 * 10**9) -> Plan:
 
 
 def _role_keys(layer: int | None, role: str, kind: str) -> list[str]:
-    roles = ("attn.q", "attn.k", "attn.v") if role == "attn.qkv" else (role,)
+    roles = QKV if role == "attn.qkv" else (role,)
     return [join_key(layer, r, kind) for r in roles]
 
 
