@@ -56,7 +56,7 @@ def main() -> None:
     from bequest import data
     from bequest.anatomy import anatomy, build_model, make_config
     from bequest.engine import TrainFields, lm_blocks, train, train_flops_per_token
-    from bequest.grow import grow
+    from bequest.grow import GrowSpec, grow
 
     if args.quick:
         small, large = dict(layers=1, hidden=32, heads=2, ffn=128), dict(layers=2, hidden=64, heads=4, ffn=256)
@@ -94,7 +94,7 @@ def main() -> None:
         print(f"scratch {large}: final loss {target:.3f}, {budget:.3g} FLOPs")
 
         for name, width, depth, noise, warm in runs:
-            grown = grow(small_model, width=width, depth=depth, noise=noise, seed=0, **large)
+            grown = grow(small_model, GrowSpec(width=width, depth=depth, noise=noise, seed=0, **large))
             curves[name] = fit(grown.model, name, steps, warmup if warm is None else warm, root)
             need = flops_to_reach(curves[name], target)
             saved = None if need is None else 1 - need / budget

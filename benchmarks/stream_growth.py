@@ -1,4 +1,4 @@
-"""Streaming depth growth of a sharded checkpoint vs copying its bytes vs mergekit, side by side.
+"""Sharded depth growth of a checkpoint (tensor by tensor) vs copying its bytes vs mergekit, side by side.
 
 Synthetic Llama checkpoints (random bf16 weights, several shards; written shard by shard with
 safetensors, never held whole) of two sizes are grown 1.25x deeper: 3.1 GB (a 1.5B shape, 700 MB
@@ -251,7 +251,7 @@ def figure(results: dict):
         for ax in axes:
             ax.tick_params(axis="x", labelsize=8, labelrotation=10)
     cache = "cached" if results["page_cache"].startswith("warm") else "read from disk"
-    fig.suptitle(f"Streaming depth growth vs copy vs mergekit (source {cache})"
+    fig.suptitle(f"Sharded depth growth vs copy vs mergekit (source {cache})"
                  f"{' [quick]' if results['quick'] else ''}")
     fig.tight_layout()
     return fig
@@ -340,7 +340,7 @@ def main() -> None:
     args = common.parse(__doc__.splitlines()[0])
     timer = Path("/usr/bin/time").exists()
     mk_exe, mk_note = (None, "skipped in --quick") if args.quick else mergekit_venv(mine.mergekit_venv)
-    work = Path(tempfile.mkdtemp(prefix="bequest-stream-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="bequest-sharded-bench-"))
     try:
         # What bequest costs before and around the bytes (start-up, imports, plan, card), from a tiny job.
         checkpoint(work / "tiny", **QUICK[0])

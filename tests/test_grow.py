@@ -6,7 +6,7 @@ import transformers
 
 from bequest.anatomy import anatomy
 from bequest.errors import BequestError
-from bequest.grow import grow, grow_optimizer_state, max_abs_logit_change
+from bequest.grow import GrowSpec, grow, grow_optimizer_state, max_abs_logit_change
 from bequest.grow.command import GrowRecipe, grow_command
 from bequest.grow.state import to_roles
 from bequest.io import save_model
@@ -58,7 +58,7 @@ def loss_of(model, ids):
 @pytest.mark.parametrize("target,attn", [(ODD, "eager"), (DOUBLE, "sdpa")])
 def test_exact_width_and_identity_depth_keep_the_function(family, task, target, attn):
     model = trained(family, task, pad_token_id=0, attn_implementation=attn)
-    grown = grow(model, **shape(family, target))
+    grown = grow(model, GrowSpec(**shape(family, target)))
     assert grown.model.config._attn_implementation == attn
     assert anatomy(grown.model).summary()["layers"] == target["layers"]
     assert max_abs_logit_change(model, grown.model, probe()) <= EXACT
@@ -76,7 +76,7 @@ def test_exact_width_and_identity_depth_keep_the_function(family, task, target, 
 )
 def test_exact_special_cases(family, config, change):
     model = trained(family, **config)
-    grown = grow(model, **shape(family, ODD, **change))
+    grown = grow(model, GrowSpec(**shape(family, ODD, **change)))
     assert anatomy(grown.model).tied == anatomy(model).tied
     assert max_abs_logit_change(model, grown.model, probe()) <= EXACT
 
@@ -84,7 +84,7 @@ def test_exact_special_cases(family, config, change):
 @pytest.mark.parametrize("placement", ["top", "0,1,1", "1,1,1"])
 def test_identity_placements_are_exact(placement):
     model = trained("qwen2")
-    grown = grow(model, layers=5, placement=placement)
+    grown = grow(model, GrowSpec(layers=5, placement=placement))
     assert grown.model.config.layer_types == ["full_attention"] * 5
     assert max_abs_logit_change(model, grown.model, probe()) <= EXACT
 
@@ -95,14 +95,14 @@ def test_identity_placements_are_exact(placement):
 def test_integer_multiple_width_is_exact_for_every_family(family, width, task):
     # FFN 64 -> 80 copies FFN units unevenly: exact anyway, their readers divide per unit.
     model = trained(family, task)
-    grown = grow(model, **shape(family, DOUBLE, ffn=80, layers=2), width=width)
+    grown = grow(model, GrowSpec(**shape(family, DOUBLE, ffn=80, layers=2), width=width))
     assert max_abs_logit_change(model, grown.model, probe()) <= EXACT
 
 
 @pytest.mark.parametrize("family", POST)
 def test_post_norm_classifier_fpi_is_exact(family):
     model = trained(family, "seq_cls")
-    grown = grow(model, hidden=64, width="fpi")
+    grown = grow(model, GrowSpec(hidden=64, width="fpi"))
     assert max_abs_logit_change(model, grown.model, probe()) <= EXACT
 
 
@@ -111,7 +111,7 @@ def test_post_norm_classifier_fpi_is_exact(family):
 def test_post_norm_deviation_is_measured_not_hidden(family, change):
     # A non-multiple width shifts LayerNorm statistics; an identity block still applies its LayerNorms.
     model = trained(family)
-    grown = grow(model, **change)
+    grown = grow(model, GrowSpec(**change))
     deviation = max_abs_logit_change(model, grown.model, probe())
     assert 1e-4 < deviation < 10
 
@@ -127,7 +127,7 @@ CASES = [("exact", "identity"), ("fpi", "stack"), ("aki", "interleave"), ("exact
 def test_grown_models_train(family, width, depth):
     model = trained(family)
     target = shape(family, ODD, layers=4 if depth == "solar" else 5)
-    new = grow(model, **target, width=width, depth=depth, noise=1e-3 if width != "exact" else 0.0).model.train()
+    new = grow(model, GrowSpec(**target, width=width, depth=depth, noise=1e-3 if width != "exact" else 0.0)).model.train()
     ids = probe(length=12, seed=3)
     opt = torch.optim.AdamW(new.parameters(), lr=3e-3)
     losses = []
@@ -148,7 +148,7 @@ def test_zero_writers_get_gradients_at_step_one(family):
     # METHODS.md: readers of fresh hidden coordinates see 0 on step 1 and so get no gradient yet;
     # the zero-initialised writers (new heads' and FFN units' outputs, identity blocks) must.
     model = trained(family)
-    grown = grow(model, **shape(family, ODD))
+    grown = grow(model, GrowSpec(**shape(family, ODD)))
     new = grown.model.train()
     loss_of(new, probe(length=12, seed=3)).backward()
     g = roles(new, "grad")
@@ -180,7 +180,7 @@ def test_zero_writers_get_gradients_at_step_one(family):
 )
 def test_depth_operators_layer_maps_and_reload(depth, layers, expected, tmp_path):
     model = trained("qwen2")
-    grown = grow(model, layers=layers, depth=depth, width="aki", hidden=48)
+    grown = grow(model, GrowSpec(layers=layers, depth=depth, width="aki", hidden=48))
     assert grown.maps["layers"] == expected
     assert grown.model.config.num_hidden_layers == layers == len(grown.model.config.layer_types)
     grown.model.save_pretrained(tmp_path)
@@ -189,29 +189,29 @@ def test_depth_operators_layer_maps_and_reload(depth, layers, expected, tmp_path
 
 
 def test_solar_of_four_layers_overlaps():
-    grown = grow(trained("llama", layers=4), layers=6, depth="solar")
+    grown = grow(trained("llama", layers=4), GrowSpec(layers=6, depth="solar"))
     assert grown.maps["layers"] == [0, 1, 2, 1, 2, 3]
 
 
 def test_maps_by_hand():
-    exact = grow(trained("llama"), **ODD).maps
+    exact = grow(trained("llama"), GrowSpec(**ODD)).maps
     assert exact["hidden"] == list(range(32)) + [None] * 16
     assert exact["heads"] == [[0, 1, 2, 3, None, None]] * 5
     assert exact["kv_heads"] == [[0, 1, None]] * 5
     assert exact["ffn"][0] == list(range(64)) + [None] * 16
     assert exact["layers"] == [0, None, 1, None, None]
-    fpi = grow(trained("llama"), width="fpi", hidden=64, heads=8, kv_heads=2).maps
+    fpi = grow(trained("llama"), GrowSpec(width="fpi", hidden=64, heads=8, kv_heads=2)).maps
     assert fpi["hidden"] == list(range(32)) * 2
     assert fpi["heads"][0] == [0, 1, 0, 1, 2, 3, 2, 3]  # each KV group of 2 grows to 4 in place
     assert fpi["kv_heads"][0] == [0, 1]
-    aki = grow(trained("gpt2", layers=3), width="aki", hidden=48, heads=6).maps
+    aki = grow(trained("gpt2", layers=3), GrowSpec(width="aki", hidden=48, heads=6)).maps
     assert aki["new_units_from_layer"] == [1, 2, 2]
     assert json.loads(json.dumps(aki)) == aki
 
 
 def test_fpi_copies_and_splits_by_hand():
     model = trained("llama")
-    new = grow(model, width="fpi", hidden=64, heads=8, kv_heads=4, ffn=96).model
+    new = grow(model, GrowSpec(width="fpi", hidden=64, heads=8, kv_heads=4, ffn=96)).model
     old, grown = roles(model), roles(new)
     emb, down, up = old["embed.token.weight"], old["layer.1.mlp.down.weight"], old["layer.1.mlp.up.weight"]
     assert torch.equal(grown["embed.token.weight"], torch.cat([emb, emb], 1))  # writers copy
@@ -223,8 +223,8 @@ def test_fpi_copies_and_splits_by_hand():
 
 def test_aki_takes_new_units_from_the_layer_above():
     model = trained("llama")
-    fpi = roles(grow(model, width="fpi", ffn=96).model)
-    aki = roles(grow(model, width="aki", ffn=96).model)
+    fpi = roles(grow(model, GrowSpec(width="fpi", ffn=96)).model)
+    aki = roles(grow(model, GrowSpec(width="aki", ffn=96)).model)
     up = "layer.{}.mlp.up.weight"
     assert torch.equal(aki[up.format(0)][:64], fpi[up.format(0)][:64])
     assert torch.equal(aki[up.format(0)][64:], fpi[up.format(1)][64:])
@@ -236,10 +236,10 @@ def test_aki_takes_new_units_from_the_layer_above():
 
 def test_noise_is_small_measured_and_seeded():
     model = trained("gpt2")
-    plain = grow(model, **shape("gpt2", ODD)).model
-    a = grow(model, **shape("gpt2", ODD), noise=1e-3, seed=1).model
-    b = grow(model, **shape("gpt2", ODD), noise=1e-3, seed=1).model
-    c = grow(model, **shape("gpt2", ODD), noise=1e-3, seed=2).model
+    plain = grow(model, GrowSpec(**shape("gpt2", ODD))).model
+    a = grow(model, GrowSpec(**shape("gpt2", ODD), noise=1e-3, seed=1)).model
+    b = grow(model, GrowSpec(**shape("gpt2", ODD), noise=1e-3, seed=1)).model
+    c = grow(model, GrowSpec(**shape("gpt2", ODD), noise=1e-3, seed=2)).model
     moved = max_abs_logit_change(plain, a, probe())
     assert 1e-6 < moved < 0.1
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
@@ -265,7 +265,7 @@ def test_noise_is_small_measured_and_seeded():
 )
 def test_bad_targets_are_refused(family, kwargs, message):
     with pytest.raises(BequestError, match=message):
-        grow(tiny(family, LM_TASK[family]), **kwargs)
+        grow(tiny(family, LM_TASK[family]), GrowSpec(**kwargs))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: fused, transposed q/k/v moments
@@ -277,7 +277,7 @@ def test_optimizer_state_follows_the_maps(family):
         opt.zero_grad()
         loss_of(model, ids).backward()
         opt.step()
-    grown = grow(model, **shape(family, ODD))
+    grown = grow(model, GrowSpec(**shape(family, ODD)))
     state = grow_optimizer_state(opt.state_dict(), model, grown.model, grown.maps)
     new_opt = torch.optim.AdamW(grown.model.parameters(), lr=1e-3)
     new_opt.load_state_dict(state)
@@ -304,7 +304,7 @@ def test_optimizer_state_follows_aki_donor_layers():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_of(model, probe(length=12, seed=3)).backward()
     opt.step()
-    grown = grow(model, width="aki", ffn=96)
+    grown = grow(model, GrowSpec(width="aki", ffn=96))
     state = grow_optimizer_state(opt.state_dict(), model, grown.model, grown.maps)
     old = to_roles({n: opt.state[p]["exp_avg_sq"] for n, p in model.named_parameters()}, anatomy(model))
     ids = {n: i for i, (n, _) in enumerate(grown.model.named_parameters())}
@@ -330,7 +330,7 @@ def test_grow_command_round_trip(tmp_path, capsys, monkeypatch):
     assert growth["maps"]["layers"] == [0, 1, None] and growth["width"] == "exact"
     assert "max |Δ logits|" in (out / "README.md").read_text()
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
-    in_memory = grow(model, hidden=48, ffn=80, layers=3).model
+    in_memory = grow(model, GrowSpec(hidden=48, ffn=80, layers=3)).model
     assert max_abs_logit_change(in_memory, loaded, probe()) == 0
 
     with monkeypatch.context() as m:  # refused before any work: nothing is even loaded

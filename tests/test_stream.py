@@ -1,4 +1,4 @@
-"""Streaming growth (grow/stream.py) writes what the in-memory path writes, atomically."""
+"""Sharded growth (grow/sharded.py) writes what the in-memory path writes, atomically."""
 
 import errno
 import json
@@ -14,9 +14,9 @@ import transformers
 from safetensors import safe_open
 
 from bequest.errors import BequestError
-from bequest.grow import grow, stream
+from bequest.grow import GrowSpec, grow, sharded
 from bequest.grow.command import GrowRecipe, grow_command
-from bequest.io import atomic_dir, load_model, save_model, weight_files
+from bequest.io import atomic_dir, load_model, parse_size, save_model, weight_files
 from test_grow import ODD, shape, trained
 
 SHARD = "20KB"  # tiny models still come in several shards
@@ -35,10 +35,10 @@ def tensors(folder) -> dict[str, torch.Tensor]:
     return out
 
 
-def streamed(src, out, **kwargs):
-    plan = stream.plan(src, shard_size=stream.parse_size(SHARD), **kwargs)
+def grown_sharded(src, out, **kwargs):
+    plan = sharded.plan(src, GrowSpec(**kwargs), shard_size=parse_size(SHARD))
     with atomic_dir(out) as folder:
-        stream.write(plan, folder, progress=False)
+        sharded.write(plan, folder, progress=False)
     return plan
 
 
@@ -72,22 +72,22 @@ def _id(c: Case) -> str:
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
-def test_streaming_equals_in_memory_bit_for_bit(case, tmp_path):
+def test_sharded_equals_in_memory_bit_for_bit(case, tmp_path):
     model = trained(case.family, case.task, **case.config)
     src = save(tmp_path / "src", model)
-    grown = grow(model, **case.grow)
+    grown = grow(model, GrowSpec(**case.grow))
     save_model(tmp_path / "memory", grown.model, operation="grow", max_shard_size=SHARD)
-    plan = streamed(src, tmp_path / "stream", **case.grow)
-    assert_same(tensors(tmp_path / "memory"), tensors(tmp_path / "stream"))
+    plan = grown_sharded(src, tmp_path / "sharded", **case.grow)
+    assert_same(tensors(tmp_path / "memory"), tensors(tmp_path / "sharded"))
     assert plan.maps == grown.maps
     memory_config = json.loads((tmp_path / "memory" / "config.json").read_text())
-    assert json.loads((tmp_path / "stream" / "config.json").read_text()) == memory_config
+    assert json.loads((tmp_path / "sharded" / "config.json").read_text()) == memory_config
 
 
 def test_unchanged_width_only_copies_bytes(tmp_path, monkeypatch):
     src = save(tmp_path / "src", trained("llama"))
-    monkeypatch.setattr(stream, "_widen", lambda *a: pytest.fail("arithmetic on a depth-only identity growth"))
-    plan = streamed(src, tmp_path / "out", layers=6)
+    monkeypatch.setattr(sharded, "_widen", lambda *a: pytest.fail("arithmetic on a depth-only identity growth"))
+    plan = grown_sharded(src, tmp_path / "out", layers=6)
     hows = {o.name: o.how for shard in plan.shards for o in shard}
     assert set(hows.values()) == {"copy", "zeros"}
     assert hows["model.layers.1.mlp.down_proj.weight"] == "zeros"
@@ -101,18 +101,18 @@ def test_copies_without_a_file_to_file_sendfile(tmp_path, monkeypatch):
     def sockets_only(*args):
         raise OSError(errno.ENOTSOCK, "Socket operation on non-socket")
 
-    monkeypatch.setattr(stream.os, "sendfile", sockets_only)  # as on macOS
-    streamed(src, tmp_path / "stream", layers=5)
-    save_model(tmp_path / "memory", grow(model, layers=5).model, operation="grow")
-    assert_same(tensors(tmp_path / "memory"), tensors(tmp_path / "stream"))
+    monkeypatch.setattr("bequest.io.safetensors.os.sendfile", sockets_only)  # as on macOS
+    grown_sharded(src, tmp_path / "sharded", layers=5)
+    save_model(tmp_path / "memory", grow(model, GrowSpec(layers=5)).model, operation="grow")
+    assert_same(tensors(tmp_path / "memory"), tensors(tmp_path / "sharded"))
 
 
 @pytest.mark.parametrize("grow_kwargs", [{"layers": 5}, shape("llama", ODD)])
 def test_bf16_stays_bf16_and_rounds_the_fp32_result_once(tmp_path, grow_kwargs):
     src = save(tmp_path / "src", trained("llama").to(torch.bfloat16))
     model, _ = load_model(src, with_tokenizer=False)  # the in-memory path upcasts to fp32
-    expected = {k: v.to(torch.bfloat16) for k, v in grow(model, **grow_kwargs).model.state_dict().items()}
-    streamed(src, tmp_path / "out", **grow_kwargs)
+    expected = {k: v.to(torch.bfloat16) for k, v in grow(model, GrowSpec(**grow_kwargs)).model.state_dict().items()}
+    grown_sharded(src, tmp_path / "out", **grow_kwargs)
     assert_same(expected, tensors(tmp_path / "out"))
     assert transformers.AutoConfig.from_pretrained(tmp_path / "out").dtype == torch.bfloat16
 
@@ -120,7 +120,7 @@ def test_bf16_stays_bf16_and_rounds_the_fp32_result_once(tmp_path, grow_kwargs):
 # ---------------------------------------------------------------- the command
 
 
-def test_command_streams_shards_and_skips_the_probe_when_told(tmp_path, capsys):
+def test_command_writes_shards_and_skips_the_probe_when_told(tmp_path, capsys):
     src = save(tmp_path / "src", trained("llama"))
     out = tmp_path / "big"
     result = grow_command(GrowRecipe(src=str(src), out=str(out), layers=5, hidden=48, heads=6, kv_heads=3,
@@ -145,7 +145,7 @@ def test_probe_defaults_off_for_big_sources(tmp_path, monkeypatch):
 def test_full_disk_is_refused_up_front(tmp_path, monkeypatch):
     src = save(tmp_path / "src", trained("llama"))
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(stream.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 5000, 5000))
+    monkeypatch.setattr("bequest.io.safetensors.shutil.disk_usage", lambda p: usage(10**9, 10**9 - 5000, 5000))
     with pytest.raises(BequestError, match=r"0\.00 GB free but the grown model needs 0\.07 GB"):
         grow_command(GrowRecipe(src=str(src), out=str(tmp_path / "out" / "big"), layers=5))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing was created
@@ -153,32 +153,32 @@ def test_full_disk_is_refused_up_front(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("text,size", [("2GB", 2 * 10**9), ("500 mb", 5 * 10**8), ("4GiB", 2**32), ("1234", 1234)])
 def test_shard_sizes(text, size):
-    assert stream.parse_size(text) == size
+    assert parse_size(text) == size
 
 
 @pytest.mark.parametrize("text", ["", "big", "2XB", "0GB", "-1MB", "inf", "nan"])
 def test_bad_shard_sizes_are_refused(text):
     with pytest.raises(BequestError, match="write it like 2GB"):
-        stream.parse_size(text)
+        parse_size(text)
 
 
 # ---------------------------------------------------------------- a killed run
 
 KILLER = """
 import os, signal, sys
-from bequest.grow import stream
+from bequest.grow import sharded
 from bequest.grow.command import GrowRecipe, grow_command
 
 src, out, where = sys.argv[1:]
 die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
 if where == "weights":  # in the middle of the shards
-    real, calls = stream._pwrite, []
-    def _pwrite(*a):
+    real, calls = sharded.pwrite, []
+    def pwrite(*a):
         calls.append(1)
         (die if len(calls) == 8 else real)(*a)
-    stream._pwrite = _pwrite
+    sharded.pwrite = pwrite
 else:  # after the weights, the index and the config, before the card
-    stream.copy_tokenizer = die
+    sharded.copy_tokenizer = die
 grow_command(GrowRecipe(src=src, out=out, layers=5, hidden=48, heads=6, kv_heads=3, shard_size="20KB", probe=False))
 """
 

@@ -2,7 +2,6 @@
 every verb's command line builds, and every document the code points to is in the repository."""
 
 import ast
-import importlib
 import re
 from pathlib import Path
 

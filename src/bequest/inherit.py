@@ -133,13 +133,13 @@ def _plan(r: InheritRecipe, t, tokenizer) -> list[tuple[Generation, str, dict]]:
         shape = _shape(g, prev)
         config = _student_config(family, shape, prev, tokenizer)  # raises on impossible sizes
         if init == "grow":
-            from bequest.grow import targets
+            from bequest.grow import GrowSpec, target_shape
 
             if family != prev.family.name:
                 raise BequestError(
                     f"--init grow keeps the family ({prev.family.name}); drop --family {family} or use --init scratch"
                 )
-            targets(prev, **shape)  # raises if any size would shrink
+            target_shape(prev, GrowSpec.from_recipe(r, shape))  # raises if any size would shrink
         plan.append((g.model_copy(update={"init": init}), family, shape))
         prev = anatomy(config, t.task)
     return plan
@@ -149,9 +149,9 @@ def _build(r: InheritRecipe, g: Generation, family: str, shape: dict, teacher, t
     t = anatomy(teacher)
     transformers.set_seed(r.seed)
     if g.init == "grow":
-        from bequest.grow import grow
+        from bequest.grow import GrowSpec, grow
 
-        model = grow(teacher, **shape, width=r.width, depth=r.depth, placement=r.placement, noise=r.noise, seed=r.seed).model
+        model = grow(teacher, GrowSpec.from_recipe(r, shape)).model
         return model.train()
     return build_model(_student_config(family, shape, t, tokenizer), t.task)
 

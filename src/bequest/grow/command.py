@@ -1,6 +1,6 @@
 """`bequest grow SRC OUT`: grow a saved model and save it with its growth maps and measured deviation.
 
-It always streams (grow/stream.py): tensor by tensor from the source's shards to the output's, so a
+It always grows sharded (grow/sharded.py): tensor by tensor from the source's shards to the output's, so a
 checkpoint bigger than RAM grows in the memory of a few of its tensors, with the in-memory path's
 results. The deviation probe needs both models in memory, so by default it runs only for small ones.
 """
@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import json
 import time
-import torch
+
 from pydantic import Field
 
 from bequest import __version__
-from bequest.anatomy import anatomy
-from bequest.grow import max_abs_logit_change, stream
-from bequest.io import atomic_dir, check_output, load_model, model_card, save_recipe
+from bequest.grow import sharded
+from bequest.grow.probe import max_abs_logit_change, probe_ids
+from bequest.grow.spec import GrowSpec
+from bequest.io import atomic_dir, check_disk, check_output, load_model, model_card, parse_size, save_recipe
 from bequest.recipe import GrowFields, OutputFields, SizeFields
 
-PROBE = (2, 16)  # sequences x tokens of the fixed probe batch
 PROBE_LIMIT = 2 * 10**9  # source bytes up to which the probe runs unless told (it loads both models)
 
 
@@ -33,15 +33,8 @@ class GrowRecipe(SizeFields, GrowFields, OutputFields):
         "(default: only when the source's weights are under 2 GB)",
     )
 
-
-def probe_ids(model, seed: int = 0) -> torch.Tensor:
-    """A fixed batch of random token ids that fits the model's vocabulary and positions."""
-    anat = anatomy(model)
-    length = PROBE[1]
-    if anat.positions:
-        length = min(length, anat.usable_positions)
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, anat.vocab, (PROBE[0], length), generator=g)
+    def spec(self) -> GrowSpec:
+        return GrowSpec.from_recipe(self, self.sizes())
 
 
 def _shape(a) -> str:
@@ -51,16 +44,13 @@ def _shape(a) -> str:
 def grow_command(r: GrowRecipe) -> dict:
     """Grow a model wider and/or deeper, reusing its trained weights."""
     check_output(r.out, r.overwrite)
-    shard_size = stream.parse_size(r.shard_size)
+    shard_size = parse_size(r.shard_size)
     start = time.perf_counter()
     # Planned from config.json and the tensor headers: an impossible target is refused before any
     # weights load, and so is a disk too small for the result.
-    plan = stream.plan(
-        r.src, hidden=r.hidden, heads=r.heads, kv_heads=r.kv_heads, ffn=r.ffn, layers=r.layers, width=r.width,
-        depth=r.depth, placement=r.placement, noise=r.noise, seed=r.seed, shard_size=shard_size,
-    )
+    plan = sharded.plan(r.src, r.spec(), shard_size=shard_size)
     measure = r.probe if r.probe is not None else plan.source_bytes < PROBE_LIMIT
-    stream.check_disk(r.out, plan.nbytes)
+    check_disk(r.out, plan.nbytes)
     report = {
         "width": r.width,
         "depth": r.depth,
@@ -77,7 +67,7 @@ def grow_command(r: GrowRecipe) -> dict:
     }
     with atomic_dir(r.out, r.overwrite) as folder:
         start = time.perf_counter()
-        stream.write(plan, folder)
+        sharded.write(plan, folder)
         report["seconds"]["write"] = time.perf_counter() - start
         if measure:
             model, _ = load_model(r.src, with_tokenizer=False)
@@ -86,7 +76,7 @@ def grow_command(r: GrowRecipe) -> dict:
             report["max_abs_logit_change"] = max_abs_logit_change(model, grown, probe)
             report["probe"] = {"shape": list(probe.shape), "seed": 0, "ids": "uniform over the vocabulary"}
             del model, grown
-        stream.copy_tokenizer(r.src, folder)
+        sharded.copy_tokenizer(r.src, folder)
         lineage = {"parent": str(r.src), "operation": "grow", "recipe": r.model_dump(), "version": __version__}
         save_recipe(folder, r.model_dump())
         (folder / "README.md").write_text(model_card(lineage) + _card_line(report, r), encoding="utf-8")

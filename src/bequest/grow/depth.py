@@ -103,6 +103,16 @@ def moved(t, role: str, j: int, src: int, fresh: bool, inverse_layer_scale: bool
     return t
 
 
+def new_blocks(plan: list[tuple[int, bool]]) -> set[int]:
+    """New block indices that are fresh or a second (third, ...) copy of their source."""
+    seen, out = set(), set()
+    for j, (src, fresh) in enumerate(plan):
+        if fresh or src in seen:
+            out.add(j)
+        seen.add(src)
+    return out
+
+
 def check(name: str) -> None:
     if name not in DEPTH:
         raise BequestError(f"unknown depth operator {name!r}; use one of: {', '.join(DEPTH)}")

@@ -13,6 +13,8 @@ import torch
 from bequest.anatomy import Anatomy, anatomy, build_model
 from bequest.errors import BequestError
 
+QKV = ("attn.q", "attn.k", "attn.v")  # the roles a fused attn.qkv tensor is split into
+
 
 def split_key(key: str) -> tuple[int | None, str, str]:
     """'layer.3.attn.q.weight' -> (3, 'attn.q', 'weight'); 'final_norm.bias' -> (None, 'final_norm', 'bias')."""
@@ -38,7 +40,7 @@ def to_roles(named: dict[str, torch.Tensor], anat: Anatomy) -> dict[str, torch.T
         if fam.conv1d and slot.layer is not None and t.ndim == 2:
             t = t.t().contiguous()
         if slot.role == "attn.qkv":
-            for role, part in zip(("attn.q", "attn.k", "attn.v"), t.chunk(3, dim=0)):
+            for role, part in zip(QKV, t.chunk(3, dim=0)):
                 state[join_key(slot.layer, role, slot.kind)] = part.clone()
         else:
             state[str(slot)] = t
@@ -52,7 +54,7 @@ def from_roles(state: dict[str, torch.Tensor], anat: Anatomy, names) -> dict[str
     for key, name in anat.names(names).items():
         layer, role, kind = split_key(key)
         if role == "attn.qkv":
-            t = torch.cat([state[join_key(layer, r, kind)] for r in ("attn.q", "attn.k", "attn.v")])
+            t = torch.cat([state[join_key(layer, r, kind)] for r in QKV])
         else:
             t = state[key]
         if fam.conv1d and layer is not None and t.ndim == 2:

@@ -4,7 +4,10 @@ Each unit space (hidden coordinates, heads, KV heads, FFN units, pooler units) g
 new unit is a copy of an old one, or None (a fresh unit). Every tensor axis either WRITES a space (its
 entries produce those units: q rows produce heads, o rows and embedding columns produce hidden
 coordinates) or READS one (its entries consume them). Copies follow Net2Net: writers copy, readers
-divide by the copy count. Fresh units follow the space's fill rules (see `exact`).
+divide by the copy count. Fresh units follow the space's fill rules (see `Exact`).
+
+An operator (`WIDTH`, a `WidthOperator`) picks the spaces once per model and expands one role tensor
+at a time, so the in-memory and the sharded path run the very same code.
 """
 
 from __future__ import annotations
@@ -160,17 +163,12 @@ def expand(key: str, t: torch.Tensor, spaces: dict[str, Space], gen, std: float,
 
 def expand_options(anat: Anatomy, keys) -> dict:
     """What `expand` needs beyond one tensor: the init scale and two facts about the whole model
-    (`keys`: every role key of the state), so a streaming caller expands exactly as `apply` does."""
+    (`keys`: every role key of the state), so tensor-by-tensor callers expand as whole-model ones."""
     return {
         "std": getattr(anat.config, "initializer_range", 0.02),
         "pooled": is_pooled(keys),
         "tied": anat.tied and anat.task in ("causal_lm", "masked_lm"),
     }
-
-
-def apply(state: dict, spaces: dict[str, Space], anat: Anatomy, gen) -> dict:
-    options = expand_options(anat, state)
-    return {key: expand(key, t, spaces, gen, **options) for key, t in state.items()}
 
 
 # ---------------------------------------------------------------- index maps
@@ -212,71 +210,93 @@ def _spaces(anat: Anatomy, target: dict, copy: bool, hidden: Space) -> dict[str,
 
 # ---------------------------------------------------------------- operators
 
-WIDTH = {}
+
+class WidthOperator:
+    """How a width operator grows a model: `spaces` picks the unit spaces once per model, then
+    `expand` grows one role tensor at a time. The in-memory and the sharded path both call it
+    tensor by tensor, in parameter order, with one generator, so they draw the same randoms."""
+
+    def spaces(self, anat: Anatomy, target: dict) -> tuple[dict[str, Space], dict]:
+        """(unit spaces, notes): notes are what the operator records in the growth maps besides them."""
+        raise NotImplementedError
+
+    def donor(self, key: str, notes: dict) -> str | None:
+        """The role key of another tensor `expand` needs for `key`, or None."""
+        return None
+
+    def expand(self, key: str, t: torch.Tensor, spaces: dict, gen, options: dict, donor=None) -> torch.Tensor:
+        return expand(key, t, spaces, gen, **options)
 
 
-def width(name: str):
-    def register(fn):
-        WIDTH[name] = fn
-        return fn
-
-    return register
-
-
-@width("exact")
-def exact(state: dict, anat: Anatomy, target: dict, gen):
+class Exact(WidthOperator):
     """Function-preserving at any width for pre-norm models (LEMON / MSG in spirit).
 
     Fresh hidden coordinates hold the mean of the old ones (LayerNorm) or 0 (RMSNorm), so after the
     rescaled norm they are exactly 0 and may be read by random weights. Fresh heads and FFN units
-    get random readers of the stream and zero writers back into it. Post-norm models keep their
-    LayerNorm statistics only under a uniform copy, so they take FPI's hidden map at d' = k*d; at
+    get random readers of the residual stream and zero writers back into it. Post-norm models keep
+    their LayerNorm statistics only under a uniform copy, so they take FPI's hidden map at d' = k*d; at
     other widths they get the mean construction, which is not exact there (measure it).
     """
-    d, d2 = anat.hidden, target["hidden"]
-    if anat.family.norm_position == "post" and d2 % d == 0:
-        hidden = Space(round_robin(d, d2))
-    else:
-        hidden = Space(appended(d, d2), write="mean" if anat.family.norm == "layernorm" else "zero", read="random")
-    spaces = _spaces(anat, target, copy=False, hidden=hidden)
-    return apply(state, spaces, anat, gen), spaces, {}
+
+    def spaces(self, anat, target):
+        d, d2 = anat.hidden, target["hidden"]
+        if anat.family.norm_position == "post" and d2 % d == 0:
+            hidden = Space(round_robin(d, d2))
+        else:
+            write = "mean" if anat.family.norm == "layernorm" else "zero"
+            hidden = Space(appended(d, d2), write=write, read="random")
+        return _spaces(anat, target, copy=False, hidden=hidden), {}
 
 
-@width("fpi")
-def fpi(state: dict, anat: Anatomy, target: dict, gen):
+class FPI(WidthOperator):
     """bert2BERT function-preserving init: every new unit copies an old one round-robin.
 
     Exact when d' = k*d (each hidden coordinate copied k times keeps LayerNorm/RMSNorm statistics);
     heads and FFN units may be copied unevenly, their readers divide by each unit's own count.
     """
-    spaces = _spaces(anat, target, copy=True, hidden=Space(round_robin(anat.hidden, target["hidden"])))
-    return apply(state, spaces, anat, gen), spaces, {}
+
+    def spaces(self, anat, target):
+        return _spaces(anat, target, copy=True, hidden=Space(round_robin(anat.hidden, target["hidden"]))), {}
 
 
-@width("aki")
-def aki(state: dict, anat: Anatomy, target: dict, gen):
+class AKI(FPI):
     """bert2BERT advanced knowledge init: FPI, then the new units of layer l come from layer l+1
     (the top layer from itself). Not function-preserving by design."""
-    state, spaces, _ = fpi(state, anat, target, gen)
-    top = anat.layers - 1
-    source = [min(i + 1, top) for i in range(anat.layers)]
-    return take_later(state, spaces, source), spaces, {"new_units_from_layer": source}
 
+    def spaces(self, anat, target):
+        spaces, _ = super().spaces(anat, target)
+        top = anat.layers - 1
+        return spaces, {"new_units_from_layer": [min(i + 1, top) for i in range(anat.layers)]}
 
-def take_later(state: dict, spaces: dict[str, Space], source: list[int]) -> dict:
-    """Copy of `state` whose layer l tensors take their new-unit entries from layer source[l]."""
-    pooled = is_pooled(state)
-    out = dict(state)
-    for key, t in state.items():
+    def donor(self, key, notes):
         layer, role, kind = split_key(key)
-        if layer is not None and source[layer] != layer:
-            mask = later_mask(t.shape, axes(key, pooled), spaces)
-            out[key] = torch.where(mask, state[join_key(source[layer], role, kind)], t)
-    return out
+        source = None if layer is None else notes["new_units_from_layer"][layer]
+        return None if source in (None, layer) else join_key(source, role, kind)
+
+    def expand(self, key, t, spaces, gen, options, donor=None):
+        t = super().expand(key, t, spaces, gen, options)
+        if donor is None:
+            return t
+        # FPI only copies, so the donor's expansion draws nothing: a generator of its own keeps `gen` in step.
+        mask = later_mask(t.shape, axes(key, options["pooled"]), spaces)
+        return torch.where(mask, super().expand(key, donor, spaces, torch.Generator(), options), t)
+
+
+WIDTH: dict[str, WidthOperator] = {"exact": Exact(), "fpi": FPI(), "aki": AKI()}
+
+
+def widen(op: WidthOperator, state: dict, spaces: dict, notes: dict, gen, options: dict) -> dict:
+    """Every tensor of a role state through `op`, in the state's order (which fixes the random draws)."""
+    return {k: op.expand(k, t, spaces, gen, options, state.get(op.donor(k, notes))) for k, t in state.items()}
+
+
+def fills(spaces: dict[str, Space]) -> dict[str, dict]:
+    """Per unit space, what writers put into its fresh units and what readers take from them."""
+    return {name: {"write": sp.write, "read": sp.read} for name, sp in spaces.items()}
 
 
 def eps_factor(spaces: dict[str, Space]) -> float:
-    """d/d' when fresh hidden coordinates pad the stream (see `_norm`), else 1."""
+    """d/d' when fresh hidden coordinates pad the residual stream (see `_norm`), else 1."""
     src = spaces["hidden"].entries()
     return 1.0 if None not in src else (len(src) - src.count(None)) / len(src)
 

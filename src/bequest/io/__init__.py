@@ -1,6 +1,7 @@
 """Everything bequest reads from or writes to disk.
 
-- `safetensors`: tensor headers and shards, read without loading or unpickling.
+- `safetensors`: tensor headers and shards, read without loading or unpickling; single tensors read
+  and written at their offsets; sizes like '2GB' and the free-disk check.
 - `models`: model and tokenizer loading (checked against the config first), model folders with a
   lineage card.
 - `folders`: atomic output folders and the hidden work folder of a run.
@@ -11,23 +12,39 @@ from bequest.io.models import (
     check_checkpoint, load_config, load_lm, load_model, load_tokenizer, model_card, read_lineage, save_model, save_recipe,
     write_model,
 )
-from bequest.io.safetensors import read_header, weight_files
+from bequest.io.safetensors import (
+    DTYPES, MARGIN, UNITS, StoredTensor, TensorReader, check_disk, create_file, encode_header, parse_size, pwrite,
+    read_header, shard_names, stored_tensors, weight_files, write_index,
+)
 
 __all__ = [
+    "DTYPES",
+    "MARGIN",
+    "UNITS",
+    "StoredTensor",
+    "TensorReader",
     "atomic_dir",
     "check_checkpoint",
+    "check_disk",
     "check_output",
+    "create_file",
+    "encode_header",
     "load_config",
     "load_lm",
     "load_model",
     "load_tokenizer",
     "model_card",
+    "parse_size",
     "partial_dir",
+    "pwrite",
     "read_header",
     "read_lineage",
     "release",
     "save_model",
     "save_recipe",
+    "shard_names",
+    "stored_tensors",
     "weight_files",
+    "write_index",
     "write_model",
 ]

@@ -1,13 +1,20 @@
-"""Safetensors files read without loading them: headers checked against the file, shards in order.
+"""Safetensors files at the byte level: headers checked against the file, shards in order, tensors
+read and written one at a time at their offsets (so a checkpoint never has to fit in memory).
 
 Nothing here unpickles: a folder that holds only pickle weights is refused with the way to convert it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import struct
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from bequest.errors import BequestError
 
@@ -54,3 +61,170 @@ def weight_files(path: Path) -> list[Path]:
             "save_pretrained(..., safe_serialization=True)"
         )
     raise BequestError(f"{path}: no model.safetensors found; point at a Hugging Face model folder")
+
+
+# ---------------------------------------------------------------- sizes and disk
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+MARGIN = 64 * 2**20  # bytes kept free beyond the shards: headers, config, tokenizer, card
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB' -> 2e9 bytes, '512MiB' -> 2**29; a bare number is bytes (Hugging Face's convention)."""
+    s = str(text).strip().upper().replace(" ", "")
+    digits = s.rstrip("KMGTIB")
+    try:
+        n = float(digits) * UNITS[s[len(digits):]]
+    except (ValueError, KeyError):
+        n = 0
+    if not 1 <= n < float("inf"):
+        raise BequestError(f"--shard-size {text!r} is not a size; write it like 2GB, 500MB or 4GiB")
+    return int(n)
+
+
+def check_disk(out: str | Path, nbytes: int) -> None:
+    """Refuse up front when the output's disk cannot hold `nbytes` more (plus a margin)."""
+    where = Path(out).resolve().parent
+    while not where.exists():
+        where = where.parent
+    free, need = shutil.disk_usage(where).free, nbytes + MARGIN
+    if free < need:
+        raise BequestError(
+            f"{where} has {free / 1e9:.2f} GB free but the grown model needs {need / 1e9:.2f} GB; "
+            "free some space or write OUT to a bigger disk"
+        )
+
+
+# ---------------------------------------------------------------- raw tensors in
+
+
+@dataclass
+class StoredTensor:
+    """One tensor of a safetensors file and where its bytes lie."""
+
+    file: Path
+    name: str
+    dtype: str  # safetensors code: F32, BF16, ...
+    shape: tuple[int, ...]
+    start: int  # absolute offset of its first byte in `file`
+    nbytes: int
+
+
+def stored_tensors(file: Path) -> dict[str, StoredTensor]:
+    """Every tensor of one file by name, located from its (checked) header; nothing is read."""
+    header = read_header(file)
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    out = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        out[name] = StoredTensor(file, name, info["dtype"], tuple(info["shape"]), 8 + n + begin, end - begin)
+    return out
+
+
+class TensorReader:
+    """Source files opened once. Tensors are read into memory of their own rather than through an
+    mmap: pages of a long-lived mapping count as resident until it closes, so reading a whole
+    model through mmaps would look (and be accounted) as big as the model."""
+
+    def __init__(self, stack: contextlib.ExitStack):
+        self.stack, self.fds = stack, {}
+
+    def _fd(self, s: StoredTensor) -> int:
+        if s.file not in self.fds:
+            self.fds[s.file] = os.open(s.file, os.O_RDONLY)
+            self.stack.callback(os.close, self.fds[s.file])
+        return self.fds[s.file]
+
+    def tensor(self, s: StoredTensor) -> torch.Tensor:
+        buf = torch.empty(s.nbytes, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        while done < s.nbytes:
+            n = os.preadv(self._fd(s), [view[done:]], s.start + done)
+            if n == 0:
+                _changed(s)
+            done += n
+        return buf.view(DTYPES[s.dtype]).reshape(s.shape)  # safetensors is little-endian, as torch on x86/ARM
+
+    def prefetch(self, s: StoredTensor) -> None:
+        """Ask the kernel to start reading `s` now, so the disk works while the tensor before it is copied."""
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd(s), s.start, s.nbytes, os.POSIX_FADV_WILLNEED)
+
+    def copy(self, s: StoredTensor, fd: int, pos: int) -> None:
+        """The bytes of `s` as they are, to `fd` at `pos`."""
+        done = 0
+        try:
+            os.lseek(fd, pos, os.SEEK_SET)
+            while done < s.nbytes:  # sendfile: no user-space buffer, the path shutil.copyfile takes
+                n = os.sendfile(fd, self._fd(s), s.start + done, s.nbytes - done)
+                if n == 0:
+                    _changed(s)
+                done += n
+        except OSError:  # a system whose sendfile only writes to sockets: through a small buffer instead
+            while done < s.nbytes:
+                chunk = os.pread(self._fd(s), min(s.nbytes - done, 2**24), s.start + done)
+                if not chunk:
+                    _changed(s)
+                pwrite(fd, chunk, pos + done)
+                done += len(chunk)
+
+
+def _changed(s: StoredTensor):
+    raise BequestError(f"{s.file}: ended inside tensor {s.name}; the file changed while growing")
+
+
+# ---------------------------------------------------------------- raw tensors out
+
+
+def pwrite(fd: int, data, pos: int) -> None:
+    """All of `data` at `pos` (os.pwrite may write less)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n
+
+
+def encode_header(table: dict[str, tuple[str, tuple[int, ...], int, int]]) -> bytes:
+    """A safetensors header from name -> (dtype, shape, begin, end) in the data section."""
+    entries = {"__metadata__": {"format": "pt"}}
+    for name, (dtype, shape, begin, end) in table.items():
+        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def create_file(path: Path, header: bytes, data_bytes: int, stack: contextlib.ExitStack) -> int:
+    """A safetensors file of its full size holding only `header`, open for writing (closed by `stack`).
+
+    Unwritten bytes read as zeros, so zero tensors need no writing; fallocate also reserves the
+    blocks, where the filesystem can."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    stack.callback(os.close, fd)
+    size = len(header) + data_bytes
+    os.ftruncate(fd, size)
+    if hasattr(os, "posix_fallocate"):
+        with contextlib.suppress(OSError):
+            os.posix_fallocate(fd, 0, size)
+    pwrite(fd, header, 0)
+    return fd
+
+
+def shard_names(n: int) -> list[str]:
+    return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def write_index(folder: Path, weight_map: dict[str, str], n_params: int, nbytes: int) -> None:
+    """model.safetensors.index.json, as Hugging Face writes it; write it last, so a folder with an
+    index has every shard it names."""
+    index = {"metadata": {"total_parameters": n_params, "total_size": nbytes},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

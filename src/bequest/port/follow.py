@@ -52,8 +52,11 @@ def source_config(config, maps: dict):
 
 def spaces(maps: dict, norm: str, layer: int) -> dict[str, Space]:
     hd = maps["head_dim"]
+    # What the host's writers put into fresh hidden coordinates, as recorded (growth.json files older
+    # than maps["fill"] are re-derived from the norm); other fresh units a module writes get 0.
+    fill = maps["fill"]["hidden"]["write"] if "fill" in maps else "mean" if norm == "layernorm" else "zero"
     out = {
-        "hidden": Space(maps["hidden"], write="mean" if norm == "layernorm" else "zero"),
+        "hidden": Space(maps["hidden"], write="mean" if fill == "mean" else "zero"),
         "heads": Space(maps["heads"][layer], hd, write="zero"),
         "kv_heads": Space(maps["kv_heads"][layer], hd, write="zero"),
         "ffn": Space(maps["ffn"][layer], write="zero"),
