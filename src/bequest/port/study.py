@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -32,10 +32,9 @@ from bequest.engine import labelled, train
 from bequest.errors import BequestError
 from bequest.io import atomic_dir, load_config, load_model, save_recipe
 from bequest.port.command import Init, port_module
-from bequest.port.modules import KINDS, attach, module_of, new_config, read_module, with_module, write_module
-from bequest.recipe import PeftFields, Recipe, TrainFields, TuningFields
+from bequest.peft import KINDS, attach, module_of, new_config, read_module, virtual_tokens, with_module, write_module
+from bequest.recipe import PeftFields, PeftKind, Recipe, TrainFields, TuningFields
 
-Kind = Literal[KINDS]
 INITS = ("ported", "scratch", "sampled")
 
 
@@ -48,12 +47,12 @@ class Pair(Recipe):
 class StudyRecipe(TuningFields, PeftFields, TrainFields):
     out: str = Field(..., description="study folder: sources/, runs/, results.jsonl/.csv, report.md/.png")
     pairs: list[Pair] = Field(..., description="host pairs (YAML: a list of {name, source, target})")
-    types: list[Kind] = Field(list(KINDS), description="PEFT types, comma-separated on the command line")
+    types: list[PeftKind] = Field(list(KINDS), description="PEFT types, comma-separated on the command line")
     inits: list[Init] = Field(list(INITS), description="ported (the module carried over), scratch, sampled")
     seeds: list[int] = Field([0, 1, 2], description="seeds per condition (fresh units, baselines, data order)")
     data: str = Field("domain", description="embedded classification task")
     source_steps: int = Field(200, ge=1, description="steps training each source module on its source host")
-    lrs: dict[Kind, float] = Field({}, description="learning rate per PEFT type (YAML mapping; others use --lr)")
+    lrs: dict[PeftKind, float] = Field({}, description="learning rate per PEFT type (YAML mapping; others use --lr)")
     OLD_NAMES: ClassVar[dict[str, str]] = {"task": "data"}
 
     @field_validator("types", "inits", "seeds", mode="before")
@@ -108,7 +107,7 @@ def _spec(r: StudyRecipe, kind: str, steps: int, seed: int) -> TrainFields:
 
 def _check_positions(r: StudyRecipe, host: str, kind: str) -> None:
     """Virtual tokens take positions too (prompt tuning's inputs, prefix tuning's cache)."""
-    extra = r.virtual_tokens if kind in ("prefix", "prompt") else 0
+    extra = virtual_tokens(kind, r)
     check_room(anatomy(load_config(host)), r.max_len + extra, f"--max-len + {extra} virtual tokens", host)
 
 
@@ -251,7 +250,7 @@ def plot(rows: list[dict]):
 def table(cells: list[dict]) -> str:
     lines = ["| pair | type | init | seeds | accuracy at step 0 | final accuracy | mean over the curve |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for c in sorted(cells, key=lambda c: (c["pair"], KINDS.index(c["type"]), INITS.index(c["init"]))):
+    for c in sorted(cells, key=lambda c: (c["pair"], list(KINDS).index(c["type"]), INITS.index(c["init"]))):
         lines.append(f"| {c['pair']} | {c['type']} | {c['init']} | {c['seeds']} | "
                      + " | ".join(f"{100 * c[k]:.1f} ± {100 * c[k + '_std']:.1f}"
                                   for k in ("accuracy_start", "accuracy_final", "accuracy_mean")) + " |")
