@@ -5,6 +5,7 @@ The modules themselves (read, write, attach, build fresh, one file per kind) are
 - `follow`: grow a module along a grown host's index maps, exactly where growth itself is exact.
 - `command`: `bequest port`, and the two baselines (scratch, sampled).
 - `study`: `bequest study port`, the grid of PEFT type x host pair x init x seed, resumable.
+- `report`: the study's tables, verdicts, plot and report.md.
 """
 
 from bequest.port.command import PortRecipe, port, port_module, sampled

@@ -23,7 +23,8 @@ from bequest.peft import Module, expected, misfits, module_of, read_module, with
 from bequest.port.follow import follow, source_config
 from bequest.recipe import OutputFields
 
-Init = Literal["ported", "scratch", "sampled"]
+INITS = ("ported", "scratch", "sampled")
+Init = Literal[INITS]
 MAX_HOPS = 16  # lineage steps searched for the growth a host descends from
 
 
