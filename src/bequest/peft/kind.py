@@ -20,8 +20,6 @@ import torch
 from bequest.errors import BequestError
 
 READ, WRITE, SCALE = "read", "write", "scale"
-# Prompt-learning configs record their host's shape; every host refills them from its own config.
-HOST_SHAPE = ("num_layers", "token_dim", "num_attention_heads", "encoder_hidden_size")
 
 
 def _json(value):
@@ -112,3 +110,11 @@ class Kind:
         left = [k for k in result.unexpected_keys if k != "prompt_embeddings"]
         if left:
             raise BequestError(f"internal: peft left {left[0]} unloaded; please report this")
+
+
+class PromptLearning(Kind):
+    """peft's prompt-learning methods: virtual tokens before the text, and a config that records its
+    host's shape (every host refills those fields from its own config)."""
+
+    host_fields = ("num_layers", "token_dim", "num_attention_heads", "encoder_hidden_size")
+    takes_positions = True

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from bequest.peft.kind import HOST_SHAPE, Kind, as_dict
+from bequest.peft.kind import PromptLearning, as_dict
 
 
-class Prefix(Kind):
+class Prefix(PromptLearning):
     name, peft_type, order = "prefix", "PREFIX_TUNING", 2
-    host_fields = HOST_SHAPE
-    takes_positions = True
 
     def config(self, fam, task_type, s):
         from peft import PrefixTuningConfig

@@ -5,13 +5,11 @@ The vectors write the hidden space as token embeddings do, so they grow as the e
 
 from __future__ import annotations
 
-from bequest.peft.kind import HOST_SHAPE, WRITE, Kind, as_dict
+from bequest.peft.kind import WRITE, PromptLearning, as_dict
 
 
-class Prompt(Kind):
+class Prompt(PromptLearning):
     name, peft_type, order = "prompt", "PROMPT_TUNING", 3
-    host_fields = HOST_SHAPE
-    takes_positions = True
 
     def config(self, fam, task_type, s):
         from peft import PromptTuningConfig
