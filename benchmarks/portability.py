@@ -87,7 +87,8 @@ def main() -> None:
 
 
 def measure(args, work: Path, c: dict) -> None:
-    from bequest.port.study import Pair, StudyRecipe, plot, study, table
+    from bequest.port.report import plot, table
+    from bequest.port.study import Pair, StudyRecipe, study
 
     t0 = time.perf_counter()
     h = hosts(work, c)

@@ -8,11 +8,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from bequest import adapters, cli
+from bequest import cli
 from bequest.errors import BequestError
 from bequest.grow.command import GrowRecipe, grow_command
 from bequest.io import save_model
-from bequest.port import KINDS, PortRecipe, attach, module_of, new_config, port, read_module, with_module, write_module
+from bequest.peft import KINDS, attach, bottleneck, module_of, new_config, read_module, with_module, write_module
+from bequest.port import PortRecipe, port
 from bequest.io import load_model
 from conftest import LM_TASK, probe, tiny
 
@@ -54,6 +55,20 @@ def max_change(a, b, ids):
     return (a(input_ids=ids).logits - b(input_ids=ids).logits).abs().max().item()
 
 
+# ---------------------------------------------------------------- the kinds registry
+
+
+def test_every_kind_is_registered_once_and_is_what_the_recipes_offer():
+    from typing import get_args
+
+    from bequest.peft.kind import Kind
+    from bequest.recipe import PeftKind
+
+    assert list(KINDS) == list(get_args(PeftKind)) and [k.order for k in KINDS.values()] == sorted(k.order for k in KINDS.values())
+    assert all(isinstance(k, Kind) and k.name == name for name, k in KINDS.items())
+    assert len({k.peft_type for k in KINDS.values()}) == len({k.order for k in KINDS.values()}) == len(KINDS)
+
+
 # ---------------------------------------------------------------- same shape
 
 
@@ -87,7 +102,7 @@ def test_ported_folder_is_a_plain_peft_adapter(kind, tmp_path):
 def test_bottleneck_folder_loads_with_bequest_adapters(tmp_path):
     a = host(tmp_path / "a")
     model = trained_module(a, "bottleneck", tmp_path / "m")
-    again = adapters.load_bottleneck(load_model(a, "seq_cls", num_labels=3, with_tokenizer=False)[0], tmp_path / "m").eval()
+    again = bottleneck.load_bottleneck(load_model(a, "seq_cls", num_labels=3, with_tokenizer=False)[0], tmp_path / "m").eval()
     assert max_change(model, again, probe()) == 0
 
 
@@ -222,17 +237,17 @@ def test_fresh_bottleneck_adapters_leave_the_host_unchanged_and_come_off_cleanly
     model = tiny(family, "seq_cls", pad_token_id=0).eval()
     with torch.no_grad():
         before = model(input_ids=probe()).logits
-    adapters.add_bottleneck(model, adapters.BottleneckConfig(style="houlsby", modules_to_save=adapters.head_modules(model)))
+    bottleneck.add_bottleneck(model, bottleneck.BottleneckConfig(style="houlsby", modules_to_save=bottleneck.head_modules(model)))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert sum(".adapter.down.weight" in n for n in trainable) == 2 * 2  # houlsby: attention and FFN, 2 blocks
-    assert any(n.startswith(tuple(adapters.head_modules(model))) for n in trainable)
+    assert any(n.startswith(tuple(bottleneck.head_modules(model))) for n in trainable)
     with torch.no_grad():
         assert torch.equal(model(input_ids=probe()).logits, before)
         for n, p in model.named_parameters():
             if ".adapter.up." in n:
                 p.add_(0.1)
         assert not torch.equal(model(input_ids=probe()).logits, before)
-        adapters.remove_bottleneck(model)
+        bottleneck.remove_bottleneck(model)
         assert torch.equal(model(input_ids=probe()).logits, before)
     assert not any(".adapter." in n for n, _ in model.named_parameters())
 

@@ -13,7 +13,7 @@ from bequest.data.prepare import task_splits
 from bequest.finetune import FinetuneRecipe, finetune
 from bequest.io import load_tokenizer
 from bequest.io import load_model, partial_dir, read_lineage
-from bequest.port.modules import read_module
+from bequest.peft import read_module
 from bequest.pretrain import PretrainRecipe, pretrain
 from bequest.recycle import (
     ContinueRecipe, RecycleRecipe, continue_pretrain, delta_init, kd_trainer, recycle,

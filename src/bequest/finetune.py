@@ -16,7 +16,7 @@ from bequest.anatomy import anatomy
 from bequest.data.prepare import check_room, task_sets
 from bequest.engine import prepare_work, processes, train, train_flops_per_token
 from bequest.io import atomic_dir, check_output, load_config, load_model, load_tokenizer
-from bequest.port.modules import new_config, save_tuned, with_module
+from bequest.peft import new_config, save_tuned, virtual_tokens, with_module
 from bequest.recipe import OutputFields, PeftFields, PeftKind, TaskFields, TrainFields, TuningFields
 
 
@@ -30,7 +30,7 @@ def finetune(r: FinetuneRecipe, *, progress: bool = True) -> dict:
     """Fine-tune a model on a classification task (every weight, or a PEFT module plus the head)."""
     state = processes()
     check_output(r.out, r.overwrite)
-    virtual = r.virtual_tokens if r.peft in ("prefix", "prompt") else 0
+    virtual = virtual_tokens(r.peft, r) if r.peft else 0
     check_room(anatomy(load_config(r.model)), r.max_len + virtual, "--max-len (with virtual tokens)", r.model)
     train_set, eval_set, labels = task_sets(r, load_tokenizer(r.model, required="fine-tuning"))
     model, tokenizer = load_model(r.model, "seq_cls", num_labels=labels, seed=r.seed)

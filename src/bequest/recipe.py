@@ -188,7 +188,7 @@ class LoraFields(Recipe):
 
 
 def _kinds() -> tuple[str, ...]:
-    from bequest.port.modules import KINDS
+    from bequest.peft import KINDS
 
     return tuple(KINDS)
 

@@ -33,7 +33,7 @@ from bequest.engine import curve, forward_flops_per_token, prepare_work, process
 from bequest.engine.kd import KD, KDTrainer, TeacherMeter
 from bequest.errors import BequestError
 from bequest.io import atomic_dir, check_output, load_config, load_lm, load_model, load_tokenizer, write_model
-from bequest.port.modules import CONFIG, attach, expected, misfits, read_module, save_tuned, with_module
+from bequest.peft import CONFIG, attach, expected, misfits, read_module, save_tuned, with_module
 from bequest.recipe import CorpusFields, KDFields, OutputFields, TaskFields, TrainFields, TuningFields, defaults
 
 # What each method does: start from the old task weights (moved to the new base), and/or learn from

@@ -19,11 +19,12 @@ from pydantic import Field
 from bequest.anatomy import anatomy
 from bequest.errors import BequestError
 from bequest.io import atomic_dir, check_output, load_config, load_model, read_lineage, save_recipe
+from bequest.peft import Module, expected, misfits, module_of, read_module, with_module, write_module
 from bequest.port.follow import follow, source_config
-from bequest.port.modules import Module, expected, misfits, module_of, read_module, with_module, write_module
 from bequest.recipe import OutputFields
 
-Init = Literal["ported", "scratch", "sampled"]
+INITS = ("ported", "scratch", "sampled")
+Init = Literal[INITS]
 MAX_HOPS = 16  # lineage steps searched for the growth a host descends from
 
 

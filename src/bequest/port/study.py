@@ -6,19 +6,18 @@ on the task first (once; kept under `sources/`). Each run then puts a module on 
 their own statistics (`sampled`) - and fine-tunes it there for the same steps, evaluating accuracy on
 the way. A finished run leaves `runs/ID/row.json` and is skipped when the study runs again (an
 interrupted run starts over); `results.jsonl`, `results.csv`, `report.md` and `report.png` are rebuilt
-from every finished row at the end.
+from every finished row at the end (`bequest.port.report`).
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -31,12 +30,10 @@ from bequest.data.prepare import check_room
 from bequest.engine import labelled, train
 from bequest.errors import BequestError
 from bequest.io import atomic_dir, load_config, load_model, save_recipe
-from bequest.port.command import Init, port_module
-from bequest.port.modules import KINDS, attach, module_of, new_config, read_module, with_module, write_module
-from bequest.recipe import PeftFields, Recipe, TrainFields, TuningFields
-
-Kind = Literal[KINDS]
-INITS = ("ported", "scratch", "sampled")
+from bequest.peft import KINDS, attach, module_of, new_config, read_module, virtual_tokens, with_module, write_module
+from bequest.port.command import INITS, Init, port_module
+from bequest.port.report import write_report
+from bequest.recipe import PeftFields, PeftKind, Recipe, TrainFields, TuningFields
 
 
 class Pair(Recipe):
@@ -48,12 +45,12 @@ class Pair(Recipe):
 class StudyRecipe(TuningFields, PeftFields, TrainFields):
     out: str = Field(..., description="study folder: sources/, runs/, results.jsonl/.csv, report.md/.png")
     pairs: list[Pair] = Field(..., description="host pairs (YAML: a list of {name, source, target})")
-    types: list[Kind] = Field(list(KINDS), description="PEFT types, comma-separated on the command line")
+    types: list[PeftKind] = Field(list(KINDS), description="PEFT types, comma-separated on the command line")
     inits: list[Init] = Field(list(INITS), description="ported (the module carried over), scratch, sampled")
     seeds: list[int] = Field([0, 1, 2], description="seeds per condition (fresh units, baselines, data order)")
     data: str = Field("domain", description="embedded classification task")
     source_steps: int = Field(200, ge=1, description="steps training each source module on its source host")
-    lrs: dict[Kind, float] = Field({}, description="learning rate per PEFT type (YAML mapping; others use --lr)")
+    lrs: dict[PeftKind, float] = Field({}, description="learning rate per PEFT type (YAML mapping; others use --lr)")
     OLD_NAMES: ClassVar[dict[str, str]] = {"task": "data"}
 
     @field_validator("types", "inits", "seeds", mode="before")
@@ -108,7 +105,7 @@ def _spec(r: StudyRecipe, kind: str, steps: int, seed: int) -> TrainFields:
 
 def _check_positions(r: StudyRecipe, host: str, kind: str) -> None:
     """Virtual tokens take positions too (prompt tuning's inputs, prefix tuning's cache)."""
-    extra = r.virtual_tokens if kind in ("prefix", "prompt") else 0
+    extra = virtual_tokens(kind, r)
     check_room(anatomy(load_config(host)), r.max_len + extra, f"--max-len + {extra} virtual tokens", host)
 
 
@@ -175,107 +172,6 @@ def run(r: StudyRecipe, pair: Pair, kind: str, init: str, seed: int) -> dict:
     os.replace(tmp, folder / "row.json")  # the row appears whole or not at all: that marks the run done
     print(f"{rid}: accuracy {row['accuracy_start']:.3f} -> {row['accuracy_final']:.3f} ({row['seconds']:.1f} s)")
     return row
-
-
-# ---------------------------------------------------------------- tables and plots
-
-
-def summary(rows: list[dict]) -> list[dict]:
-    """Mean and std over seeds per (pair, type, init), at the start, the end and over the whole curve."""
-    groups: dict[tuple, list] = {}
-    for row in rows:
-        groups.setdefault((row["pair"], row["type"], row["init"]), []).append(row)
-    out = []
-    for (pair, kind, init), rs in groups.items():
-        cell = {"pair": pair, "type": kind, "init": init, "seeds": len(rs)}
-        for key in ("accuracy_start", "accuracy_final", "accuracy_mean"):
-            values = [r[key] for r in rs]
-            cell[key] = float(np.mean(values))
-            cell[key + "_std"] = float(np.std(values))
-        out.append(cell)
-    return out
-
-
-def verdicts(cells: list[dict]) -> list[dict]:
-    """Per (pair, type): does ported beat scratch and sampled at every evaluated step, and at the end?"""
-    by = {(c["pair"], c["type"], c["init"]): c for c in cells}
-    out = []
-    for pair, kind in sorted({(c["pair"], c["type"]) for c in cells}):
-        ported = by.get((pair, kind, "ported"))
-        others = [by[(pair, kind, i)] for i in ("scratch", "sampled") if (pair, kind, i) in by]
-        if ported and others:
-            out.append({"pair": pair, "type": kind,
-                        "final": all(ported["accuracy_final"] > o["accuracy_final"] for o in others),
-                        "mean": all(ported["accuracy_mean"] > o["accuracy_mean"] for o in others)})
-    return out
-
-
-def _mean_curves(rows: list[dict]) -> dict[tuple, tuple[list, np.ndarray]]:
-    curves: dict[tuple, list] = {}
-    for row in rows:
-        curves.setdefault((row["pair"], row["type"], row["init"]), []).append(row["curve"])
-    out = {}
-    for key, cs in curves.items():
-        steps = [s for s, _ in cs[0]]
-        accs = np.array([[a for _, a in c] for c in cs if [s for s, _ in c] == steps])
-        out[key] = (steps, accs)
-    return out
-
-
-def plot(rows: list[dict]):
-    """Accuracy against fine-tuning steps: a panel per (pair, type), a line per init (mean, min-max band)."""
-    from matplotlib.figure import Figure
-
-    pairs = sorted({r["pair"] for r in rows})
-    kinds = [k for k in KINDS if any(r["type"] == k for r in rows)]
-    fig = Figure(figsize=(3.2 * len(kinds), 2.6 * len(pairs) + 0.4))
-    axes = np.array(fig.subplots(len(pairs), len(kinds), squeeze=False, sharey=True))
-    colours = {"ported": "tab:green", "scratch": "tab:blue", "sampled": "tab:red"}
-    curves = _mean_curves(rows)
-    for pair, kind, init in sorted(curves, key=lambda k: (k[0], k[1], INITS.index(k[2]))):
-        steps, accs = curves[(pair, kind, init)]
-        ax = axes[pairs.index(pair), kinds.index(kind)]
-        ax.plot(steps, accs.mean(0), label=init, color=colours.get(init))
-        ax.fill_between(steps, accs.min(0), accs.max(0), alpha=0.2, color=colours.get(init))
-        ax.set_title(f"{pair}: {kind}", fontsize=9)
-        ax.grid(alpha=0.3)
-    for ax in axes[-1]:
-        ax.set_xlabel("fine-tuning steps")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("accuracy")
-    axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def table(cells: list[dict]) -> str:
-    lines = ["| pair | type | init | seeds | accuracy at step 0 | final accuracy | mean over the curve |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for c in sorted(cells, key=lambda c: (c["pair"], KINDS.index(c["type"]), INITS.index(c["init"]))):
-        lines.append(f"| {c['pair']} | {c['type']} | {c['init']} | {c['seeds']} | "
-                     + " | ".join(f"{100 * c[k]:.1f} ± {100 * c[k + '_std']:.1f}"
-                                  for k in ("accuracy_start", "accuracy_final", "accuracy_mean")) + " |")
-    return "\n".join(lines)
-
-
-def write_report(out: Path, rows: list[dict]) -> dict:
-    cells = summary(rows)
-    wins = verdicts(cells)
-    with open(out / "results.jsonl", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    flat = [{k: v for k, v in row.items() if k not in ("curve", "tensors")} for row in rows]
-    if flat:
-        with open(out / "results.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(flat[0]))
-            writer.writeheader()
-            writer.writerows(flat)
-    lines = ["# Portability study", "", f"{len(rows)} runs. Accuracy in %, mean ± std over seeds.", "", table(cells), "",
-             "| pair | type | ported beats scratch and sampled: final | over the curve |", "| --- | --- | --- | --- |"]
-    lines += [f"| {w['pair']} | {w['type']} | {'yes' if w['final'] else 'no'} | {'yes' if w['mean'] else 'no'} |" for w in wins]
-    (out / "report.md").write_text("\n".join(lines) + "\n\n![accuracy against steps](report.png)\n")
-    if rows:
-        plot(rows).savefig(out / "report.png", dpi=120, bbox_inches="tight")
-    return {"runs": len(rows), "summary": cells, "verdicts": wins}
 
 
 def _same_settings(r: StudyRecipe, out: Path) -> None:

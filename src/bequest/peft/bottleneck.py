@@ -9,26 +9,27 @@ Adapters hang off their writer module as a child named `adapter` (so their param
 host through `.to()` and the optimizer) and act through a forward hook. A folder holds
 `adapter_config.json` and `adapter_model.safetensors`, as peft's do; the classifier head, trained in
 full beside the adapters, is saved with them under its own parameter names.
+
+On a grown host an adapter's down-projection reads the hidden space and its up-projection writes it;
+a new block's adapter starts as a fresh one (random down, zero up).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bequest.anatomy import anatomy
+from bequest.anatomy import Family, anatomy
 from bequest.errors import BequestError
+from bequest.peft.kind import READ, WRITE, Kind
+from bequest.peft.lora import uniform_fan_in
 
 PEFT_TYPE = "BOTTLENECK"
 STYLES = {"pfeiffer": ("mlp.down",), "houlsby": ("attn.o", "mlp.down")}
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 class BottleneckConfig(BaseModel):
@@ -67,9 +68,9 @@ def _writers(model, style: str) -> list[str]:
     return [names[f"layer.{i}.{role}.weight"].rpartition(".")[0] for i in range(anat.layers) for role in STYLES[style]]
 
 
-def head_modules(model) -> list[str]:
+def head_modules(model_or_family) -> list[str]:
     """The top modules of a classification head (trained in full beside any PEFT module)."""
-    fam = anatomy(model).family
+    fam = model_or_family if isinstance(model_or_family, Family) else anatomy(model_or_family).family
     return sorted({path.split(".")[0] for role, path in fam.heads.items() if role.startswith("classifier")})
 
 
@@ -96,39 +97,11 @@ def bottleneck_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if ".adapter." in n or n.startswith(keep)}
 
 
-def save_bottleneck(model, folder: str | Path) -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG).write_text(model.bottleneck_config.model_dump_json(indent=1))
-    save_file(bottleneck_state(model), str(folder / WEIGHTS))
-
-
-def read_config(folder: str | Path) -> BottleneckConfig:
-    try:
-        return BottleneckConfig(**json.loads((Path(folder) / CONFIG).read_text()))
-    except (OSError, ValueError) as e:
-        raise BequestError(f"{folder}: not a bottleneck adapter folder ({str(e).splitlines()[0]})") from None
-
-
-def load_bottleneck(model, folder: str | Path, *, trainable: bool = False):
+def load_bottleneck(model, folder, *, trainable: bool = False):
     """Attach the adapters saved in `folder`; every tensor must find its place and every place a tensor."""
-    add_bottleneck(model, read_config(folder), trainable=trainable)
-    tensors = load_file(str(Path(folder) / WEIGHTS))
-    params = dict(model.named_parameters())
-    want = bottleneck_state(model)
-    extra, missing = sorted(set(tensors) - set(want)), sorted(set(want) - set(tensors))
-    if extra or missing:
-        what = f"tensor {extra[0]} has no place in the host" if extra else f"the host's {missing[0]} has no tensor"
-        raise BequestError(f"{folder}: {what} ({len(extra)} unplaced, {len(missing)} missing); port it with `bequest port`")
-    with torch.no_grad():
-        for name, t in tensors.items():
-            if params[name].shape != t.shape:
-                raise BequestError(
-                    f"{folder}: {name} is {list(t.shape)} but the host needs {list(params[name].shape)}; "
-                    "port it with `bequest port`"
-                )
-            params[name].copy_(t)
-    return model
+    from bequest.peft import attach, read_module
+
+    return attach(model, read_module(folder), trainable=trainable)
 
 
 def remove_bottleneck(model):
@@ -139,3 +112,39 @@ def remove_bottleneck(model):
         del module.adapter
     model.bottleneck_config = None
     return model
+
+
+class Bottleneck(Kind):
+    name, peft_type, order = "bottleneck", PEFT_TYPE, 4
+    tensors = ("adapter.down.weight", "adapter.down.bias", "adapter.up.weight", "adapter.up.bias")
+
+    def config(self, fam, task_type, s):
+        heads = head_modules(fam) if task_type == "SEQ_CLS" else []
+        return BottleneckConfig(size=s.bottleneck, style=s.style, task_type=task_type, modules_to_save=heads).model_dump()
+
+    def axes(self, what, shape, out, inp):
+        # Whatever linear it follows, an adapter reads and writes the residual stream.
+        return {"adapter.down.weight": [None, (("hidden",), READ)], "adapter.down.bias": [None],
+                "adapter.up.weight": [(("hidden",), WRITE), None], "adapter.up.bias": [(("hidden",), WRITE)]}[what]
+
+    def fresh(self, what, shape, gen):
+        return uniform_fan_in(shape, gen) if what == "adapter.down.weight" else torch.zeros(shape)
+
+    def wrap(self, model, config, trainable):
+        return add_bottleneck(model, BottleneckConfig(**config), trainable=trainable)
+
+    def carried(self, model):
+        config = getattr(model, "bottleneck_config", None)
+        return None if config is None else config.model_dump()
+
+    def state(self, model):
+        return bottleneck_state(model)
+
+    def load(self, carrier, tensors):
+        params = dict(carrier.named_parameters())
+        with torch.no_grad():
+            for k, t in tensors.items():
+                params[k].copy_(t)
+
+
+KIND = Bottleneck()

@@ -1,0 +1,203 @@
+"""PEFT modules as bequest handles them: a kind, a config (adapter_config.json) and named tensors.
+
+Each kind is one module of this package (`kind.py` says what one holds): peft's LoRA, IA3, prefix and
+prompt tuning and bequest's own bottleneck adapters. Over them, one interface: read and write a module
+folder, list the tensors a host expects (from a weightless skeleton of it), build a fresh module on a
+host, and attach a saved one, refusing any load that would leave a tensor unplaced or a place without
+its tensor (peft loads what matches and is silent about the rest).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import pkgutil
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from bequest.anatomy import anatomy, build_model
+from bequest.errors import BequestError
+from bequest.io import read_header, save_recipe, write_model
+from bequest.peft.kind import Kind, as_dict, target_regex
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+HOST_TASKS = {"SEQ_CLS": "seq_cls", "CAUSAL_LM": "causal_lm", "FEATURE_EXTRACTION": "base", None: "base"}
+PEFT_TASKS = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "base": "FEATURE_EXTRACTION", "masked_lm": None}
+
+
+def _registry() -> dict[str, Kind]:
+    """{name: kind} of every module here that registers a `KIND`, in their listing order."""
+    kinds = [getattr(importlib.import_module(f"{__name__}.{m.name}"), "KIND", None) for m in pkgutil.iter_modules(__path__)]
+    kinds = sorted((k for k in kinds if k is not None), key=lambda k: k.order)
+    for attr in ("name", "peft_type", "order"):
+        values = [getattr(k, attr) for k in kinds]
+        if len(set(values)) != len(values):
+            raise RuntimeError(f"two PEFT kinds share a {attr}: {values}")
+    return {k.name: k for k in kinds}
+
+
+KINDS = _registry()
+BY_TYPE = {k.peft_type: k for k in KINDS.values()}
+
+
+@dataclass
+class Module:
+    kind: str  # a name in KINDS
+    config: dict  # adapter_config.json
+    tensors: dict[str, torch.Tensor]  # adapter_model.safetensors
+
+    @property
+    def task(self) -> str:
+        """The head the host needs: a classifier for SEQ_CLS modules, an LM head for CAUSAL_LM ones."""
+        return HOST_TASKS.get(self.config.get("task_type"), "base")
+
+    def num_labels(self, family) -> int | None:
+        """Labels of the classifier saved with the module (None without one)."""
+        path = family.heads.get("classifier")
+        for key, t in self.tensors.items():
+            if path and (key == f"{path}.weight" or key.endswith(f".{path}.weight")):
+                return t.shape[0]
+        return None
+
+
+def virtual_tokens(kind: str, settings) -> int:
+    """Sequence positions a fresh module of `kind` takes before the text (`settings`: `PeftFields`)."""
+    return settings.virtual_tokens if KINDS[kind].takes_positions else 0
+
+
+# ---------------------------------------------------------------- folders
+
+
+def read_module(folder: str | Path) -> Module:
+    """A module folder, validated: a known type, a readable config, safetensors only (never unpickled)."""
+    folder = Path(folder)
+    if not (folder / CONFIG).exists():
+        raise BequestError(f"{folder}: no {CONFIG}; point --adapter at a peft or bequest adapter folder")
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except ValueError as e:
+        raise BequestError(f"{folder / CONFIG}: not valid JSON ({e}); re-save the adapter") from None
+    kind = BY_TYPE.get(config.get("peft_type"))
+    if kind is None:
+        raise BequestError(
+            f"{folder}: peft type {config.get('peft_type')!r} cannot be ported; bequest ports " + ", ".join(BY_TYPE)
+        )
+    weights = folder / WEIGHTS
+    if not weights.exists():
+        pickled = " (only adapter_model.bin: bequest never unpickles, re-save with safe_serialization=True)"
+        raise BequestError(f"{folder}: no {WEIGHTS}{pickled if (folder / 'adapter_model.bin').exists() else ''}")
+    read_header(weights)  # a truncated file fails here with a clear message, not inside safetensors
+    return Module(kind.name, config, load_file(str(weights)))
+
+
+def write_module(folder: str | Path, module: Module) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG).write_text(json.dumps(as_dict(module.config), indent=1))
+    save_file({k: t.contiguous() for k, t in module.tensors.items()}, str(folder / WEIGHTS))
+
+
+def new_config(kind: str, model, settings=None, **overrides) -> dict:
+    """A fresh module's config for `model`, its targets named through the anatomy roles.
+
+    `settings`: a recipe carrying `PeftFields` (default: their defaults); `overrides` replace its values."""
+    from bequest.recipe import PeftFields  # the recipe reads KINDS: imported late, not at load
+
+    if kind not in KINDS:
+        raise BequestError(f"unknown PEFT type {kind!r}; choose one of: {', '.join(KINDS)}")
+    given = settings.model_dump(include=set(PeftFields.model_fields)) if settings is not None else {}
+    anat = anatomy(model)
+    return KINDS[kind].config(anat.family, PEFT_TASKS[anat.task], PeftFields(**{**given, **overrides}))
+
+
+# ---------------------------------------------------------------- modules on hosts
+
+
+def with_module(model, config: dict, *, trainable: bool = True):
+    """`model` carrying a freshly initialised module of `config` (peft's PeftModel, or the host itself
+    with bequest's own kinds hooked in). Seed the global RNG first for a reproducible init."""
+    config = {k: v for k, v in config.items() if k not in ("peft_version", "auto_mapping")}
+    return BY_TYPE[config["peft_type"]].wrap(model, {**config, "inference_mode": not trainable}, trainable)
+
+
+def _carrier(model) -> tuple[Kind, dict] | None:
+    """(the kind of module `model` carries, its config), or None for a bare model."""
+    for kind in KINDS.values():
+        config = kind.carried(model)
+        if config is not None:
+            return kind, config
+    return None
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone() if t.is_meta else t.detach().cpu().clone()  # a skeleton's stay shapes
+
+
+def module_of(model) -> Module:
+    """The module a model carries, as it would be saved."""
+    kind, config = _carrier(model)
+    tensors = {k: _copy(t) for k, t in kind.state(model).items()}
+    config["base_model_name_or_path"] = getattr(model.config, "_name_or_path", None) or config.get("base_model_name_or_path")
+    return Module(kind.name, config, tensors)
+
+
+def expected(config: dict, host_config, task: str, num_labels: int | None) -> tuple[dict, dict[str, tuple]]:
+    """(the config refilled for this host, {tensor name: shape} a module of `config` has on it).
+
+    Built on a weightless (meta) skeleton of the host: nothing is loaded or allocated.
+    """
+    kind = BY_TYPE[config["peft_type"]]
+    host_config = copy.deepcopy(host_config)
+    if task == "seq_cls" and num_labels:
+        host_config.num_labels = num_labels
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = with_module(build_model(host_config, task), kind.skeleton(dict(config)), trainable=False)
+        module = module_of(model)
+    refilled = {**config, **{k: module.config[k] for k in kind.host_fields if k in config}}
+    return refilled, {k: tuple(t.shape) for k, t in module.tensors.items()}
+
+
+def misfits(tensors: dict[str, torch.Tensor], want: dict[str, tuple]) -> list[str]:
+    """Every way `tensors` fails to fill the places `want` lists, one line each (empty: a perfect fit)."""
+    lines = [f"{k} is {list(t.shape)}, the host needs {list(want[k])}"
+             for k, t in tensors.items() if k in want and tuple(t.shape) != want[k]]
+    lines += [f"{k} has no place on the host" for k in tensors if k not in want]
+    lines += [f"the host's {k} has no tensor in the module" for k in want if k not in tensors]
+    return lines
+
+
+def attach(model, module: Module, *, trainable: bool = False):
+    """`model` carrying the saved `module`; refuses a partial fit instead of loading what matches."""
+    carrier = with_module(model, module.config, trainable=trainable)
+    want = {k: tuple(t.shape) for k, t in module_of(carrier).tensors.items()}
+    problems = misfits(module.tensors, want)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise BequestError(f"the {module.kind} module does not fit this host: {problems[0]}{more}; port it with `bequest port`")
+    KINDS[module.kind].load(carrier, module.tensors)
+    return carrier
+
+
+def save_tuned(folder: Path, model, tokenizer, *, parent: str, operation: str, recipe: dict) -> None:
+    """A full fine-tune as a model folder; a PEFT module as an adapter folder (tokenizer beside it)."""
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    if _carrier(model) is not None:
+        module = module_of(model)
+        module.config["base_model_name_or_path"] = str(parent)
+        write_module(folder, module)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        save_recipe(folder, recipe)
+    else:
+        write_model(folder, model, tokenizer, operation=operation, parent=str(parent), recipe=recipe)
+
+
+__all__ = ["CONFIG", "KINDS", "WEIGHTS", "Kind", "Module", "as_dict", "attach", "expected", "misfits", "module_of",
+           "new_config", "read_module", "save_tuned", "target_regex", "virtual_tokens", "with_module", "write_module"]

@@ -1,0 +1,120 @@
+"""What a PEFT kind is: everything bequest knows about one method, behind one interface.
+
+A kind module (`lora.py`, `ia3.py`, ...) defines a subclass of `Kind` and registers one instance as
+`KIND`; `bequest.peft` finds it there, so adding a kind is one new file. By default a kind is one of
+peft's methods (its module built and read through the peft library); a kind bequest implements
+itself (`bottleneck`) overrides the host methods below.
+
+Porting speaks in the host's unit spaces (`bequest.port.follow`): each axis of a tensor READS a space
+(copies divide by their count), WRITES it (copies copy) or SCALES it (copies copy, new units get 1).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+
+import torch
+
+from bequest.errors import BequestError
+
+READ, WRITE, SCALE = "read", "write", "scale"
+
+
+def _json(value):
+    return sorted(value) if isinstance(value, set) else str(value)
+
+
+def as_dict(config) -> dict:
+    """A peft config object as adapter_config.json holds it (sets as sorted lists, enums as names)."""
+    return json.loads(json.dumps(config if isinstance(config, dict) else config.to_dict(), default=_json))
+
+
+def target_regex(fam, roles) -> str:
+    """A peft target regex naming exactly these roles' modules in every block (peft's suffix matching
+    would take BERT's attention.output.dense along when asked for output.dense)."""
+    block = re.escape(fam.layer_path).replace(r"\{i\}", r"\d+")
+    names = "|".join(re.escape(fam.layer[r]) for r in roles if r in fam.layer)
+    return rf"(.*\.)?{block}\.({names})"
+
+
+class Kind:
+    name: str  # bequest's name: --peft, study types, tables
+    peft_type: str  # adapter_config.json's peft_type
+    order: int  # place in listings (study grids and tables)
+    host_fields: tuple[str, ...] = ()  # config fields the host's shape fills in
+    takes_positions: bool = False  # puts virtual tokens before the text (they take sequence positions)
+    tensors: tuple[str, ...] = ()  # names of its tensors on a host module (lora_A.weight: ...)
+    query_rows: tuple[str, ...] = ()  # of those, the ones writing queries into fused qkv outputs
+
+    # ------------------------------------------------------------ a fresh module
+
+    def config(self, fam, task_type: str | None, s) -> dict:
+        """A fresh module's adapter_config.json on a host of family `fam`; `s` carries `PeftFields`."""
+        raise NotImplementedError
+
+    def skeleton(self, config: dict) -> dict:
+        """The config a weightless (meta) host takes: inits that read real weights replaced."""
+        return config
+
+    # ------------------------------------------------------------ porting along growth maps
+
+    def axes(self, what: str, shape: tuple, out: tuple, inp: tuple) -> list:
+        """Per dimension of its tensor `what` on a linear writing spaces `out` and reading `inp`:
+        None or (space names, READ/WRITE/SCALE)."""
+        raise NotImplementedError(f"{self.name} has no tensors on host modules")
+
+    def free_axes(self, key: str) -> list | None:
+        """The axes of a tensor on no host module and no block (None: not one of this kind's)."""
+        return None
+
+    def grow(self, key: str, t: torch.Tensor, maps: dict) -> torch.Tensor | None:
+        """A tensor the kind carries along the growth maps itself (None: follow its axes)."""
+        return None
+
+    def fresh(self, what: str, shape: tuple, gen: torch.Generator) -> torch.Tensor:
+        """Its tensor `what` in a new block, as a fresh module would hold it."""
+        return torch.zeros(shape)
+
+    # ------------------------------------------------------------ on a host (peft's by default)
+
+    def wrap(self, model, config: dict, trainable: bool):
+        """`model` carrying a fresh module of `config` (already cleaned of saved-only fields)."""
+        from peft import PeftConfig, get_peft_model
+
+        config = {k: None if k in self.host_fields else v for k, v in config.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # peft's notes on Conv1D layouts and unused heads are not news
+            return get_peft_model(model, PeftConfig.from_peft_type(**config))
+
+    def carried(self, model) -> dict | None:
+        """The config of this kind's module that `model` carries (None: it carries none)."""
+        cfg = (getattr(model, "peft_config", None) or {}).get("default")
+        if cfg is None or cfg.peft_type != self.peft_type:
+            return None
+        return as_dict({**cfg.to_dict(), "inference_mode": True})
+
+    def state(self, model) -> dict[str, torch.Tensor]:
+        """The carried module's tensors, as they are saved."""
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(model)
+
+    def load(self, carrier, tensors: dict[str, torch.Tensor]) -> None:
+        """Fill a carrier's module with `tensors` (each already known to have its place)."""
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(carrier, tensors)
+        # Every tensor has a place; peft must agree (prompt encoders load on their own).
+        left = [k for k in result.unexpected_keys if k != "prompt_embeddings"]
+        if left:
+            raise BequestError(f"internal: peft left {left[0]} unloaded; please report this")
+
+
+class PromptLearning(Kind):
+    """peft's prompt-learning methods: virtual tokens before the text, and a config that records its
+    host's shape (every host refills those fields from its own config)."""
+
+    host_fields = ("num_layers", "token_dim", "num_attention_heads", "encoder_hidden_size")
+    takes_positions = True
