@@ -145,7 +145,7 @@ def test_grown_models_train(family, width, depth):
 
 @pytest.mark.parametrize("family", PRE + POST)
 def test_zero_writers_get_gradients_at_step_one(family):
-    # METHODS.md: readers of fresh hidden coordinates see 0 on step 1 and so get no gradient yet;
+    # docs/methods.md, section 1: readers of fresh hidden coordinates see 0 on step 1 and so get no gradient yet;
     # the zero-initialised writers (new heads' and FFN units' outputs, identity blocks) must.
     model = trained(family)
     grown = grow(model, GrowSpec(**shape(family, ODD)))

@@ -13,7 +13,7 @@ from bequest.errors import BequestError
 from bequest.grow.command import GrowRecipe, grow_command
 from bequest.io import save_model
 from bequest.peft import KINDS, attach, bottleneck, module_of, new_config, read_module, with_module, write_module
-from bequest.port import PortRecipe, port
+from bequest.port.command import PortRecipe, port
 from bequest.io import load_model
 from conftest import LM_TASK, probe, tiny
 

@@ -19,10 +19,12 @@ def _verb_homes() -> dict[str, Path]:
     homes = {}
     for _, name, module, *_ in cli.VERBS:
         path = SRC / Path(*module.split("."))
-        if path.with_suffix(".py").exists() and path.name != "run":
-            homes[module] = path.with_suffix(".py")
-        else:  # bequest.continual.run -> the continual package
+        if path.is_dir():  # a verb package: everything in it is the verb's
+            homes[module] = path
+        elif path.name == "run":  # bequest.continual.run -> the continual package
             homes[module.rpartition(".")[0]] = path.parent
+        else:
+            homes[module] = path.with_suffix(".py")
     homes["bequest.info"] = SRC / "bequest" / "info.py"
     return homes
 
@@ -61,6 +63,23 @@ def test_every_verb_builds_its_command_line():
         assert "--recipe" in result.output
 
 
+def test_growth_operators_are_registered_once_and_offered_by_every_verb_that_grows():
+    from typing import get_args
+
+    from bequest.grow import DEPTH, WIDTH
+    from bequest.grow.command import GrowRecipe
+    from bequest.grow.depth import depth
+    from bequest.inherit import InheritRecipe
+    from bequest.lifelong import LifelongRecipe
+
+    assert len({id(op) for op in WIDTH.values()}) == len(WIDTH) and len(set(DEPTH.values())) == len(DEPTH)
+    for recipe in (GrowRecipe, InheritRecipe, LifelongRecipe):
+        assert get_args(recipe.model_fields["width"].annotation) == tuple(WIDTH)
+        assert get_args(recipe.model_fields["depth"].annotation) == tuple(DEPTH)
+    with pytest.raises(ValueError, match="twice"):
+        depth("stack")(lambda layers, target, placement: [])
+
+
 @pytest.mark.parametrize("words, old, value", [
     (["finetune"], "--rank", "4"), (["recycle"], "--temperature", "3"), (["inherit"], "--grow-width", "fpi"),
     (["study", "port"], "--task", "kind"),
@@ -86,12 +105,12 @@ def test_renamed_settings_still_read():
 
 
 def test_pointers_in_the_code_resolve():
-    """Every `docs/NAME.md` (or bare `NAME.md`) the code mentions is a file in the repository."""
+    """Every document the code points to (`docs/NAME.md`, or a bare `NAME.md` in capitals) is in the
+    repository; lower-case bare names are files bequest writes (report.md)."""
     docs = {p.name for p in ROOT.rglob("*.md") if ".venv" not in p.parts}
     missing = []
     for file in (SRC / "bequest").rglob("*.py"):
-        for ref in re.findall(r"\b((?:docs/)?[A-Za-z_]+\.md)\b", file.read_text()):
-            path = ROOT / ref if ref.startswith("docs/") else None
-            if (path and not path.exists()) or (not path and Path(ref).name not in docs):
+        for ref in re.findall(r"\b(docs/[a-z0-9_-]+\.md|[A-Z][A-Z_]+\.md)", file.read_text()):
+            if not ((ROOT / ref).exists() if ref.startswith("docs/") else ref in docs):
                 missing.append(f"{file.relative_to(SRC)}: {ref}")
     assert not missing, missing

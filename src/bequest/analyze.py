@@ -1,4 +1,4 @@
-"""`bequest analyze`: how two models relate (METHODS.md section 3's analyses), as KIND.json + KIND.png.
+"""`bequest analyze`: how two models relate (docs/methods.md, section 3.3), as KIND.json + KIND.png.
 
 - lmc: linear mode connectivity. Loss and accuracy of theta(l) = (1 - l) theta_a + l theta_b on a task's
   validation set at `points` values of l in [0, 1]; the barrier is the largest rise of the loss above

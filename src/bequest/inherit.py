@@ -1,4 +1,4 @@
-"""`bequest inherit`: knowledge inheritance (Qin et al., NAACL 2022; METHODS.md section 2).
+"""`bequest inherit`: knowledge inheritance (Qin et al., NAACL 2022; docs/methods.md, section 2).
 
 A small trained teacher guides a bigger student's pre-training: for the first T_KI steps the loss mixes
 the student's own cross-entropy with a KL term towards the teacher (alpha_t decays linearly to 0 by

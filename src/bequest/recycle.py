@@ -1,4 +1,4 @@
-"""`bequest recycle`: recyclable tuning (Qin et al., Findings ACL 2023; METHODS.md section 3).
+"""`bequest recycle`: recyclable tuning (Qin et al., Findings ACL 2023; docs/methods.md, section 3).
 
 The base M_i was upgraded to M_{i+1} by continual pre-training (`continue_pretrain`, `bequest
 continue-pretrain`), and task weights tuned on M_i exist. Instead of tuning M_{i+1} afresh:

@@ -1,4 +1,4 @@
-"""`bequest learn`: continual fine-tuning through a stream of tasks, without forgetting (METHODS.md section 5).
+"""`bequest learn`: continual fine-tuning through a stream of tasks, without forgetting (docs/methods.md, section 5).
 
 One model is fine-tuned on the tasks one after another; after each task every task is evaluated, which
 fills the accuracy matrix R[i][j] (accuracy on task j after training task i). From it: the average

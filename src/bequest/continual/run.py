@@ -24,6 +24,8 @@ from bequest.engine.migu import MIGU, MIGUTrainer
 from bequest.engine.replay import Memory
 from bequest.errors import BequestError
 from bequest.io import atomic_dir, check_output, load_config, load_model, write_model
+from bequest.peft import KINDS, with_module
+from bequest.peft.bottleneck import head_modules
 
 
 def learn(r: LearnRecipe, *, progress: bool = True) -> dict:
@@ -136,14 +138,10 @@ def _head_roots(model) -> tuple[str, ...]:
 
 
 def _with_lora(model, r: LearnRecipe, head: bool):
-    from peft import LoraConfig, get_peft_model
-
+    """LoRA on every block linear (the registry's LoRA), the union head trained in full beside it."""
     fam = anatomy(model).family
-    targets = sorted({path for role, path in fam.layer.items() if role.startswith(("attn.", "mlp."))})
-    classifier = fam.heads["classifier"].split(".")[0]
-    config = LoraConfig(r=r.lora_rank, lora_alpha=r.lora_alpha, lora_dropout=0.0, target_modules=targets,
-                        modules_to_save=[classifier] if head else None, fan_in_fan_out=fam.conv1d)
-    return get_peft_model(model, config)
+    keep = head_modules(fam) if head else None
+    return with_module(model, KINDS["lora"].config(fam, None, r, modules_to_save=keep))
 
 
 # ---------------------------------------------------------------- training

@@ -1,6 +1,6 @@
 """Knowledge distillation for the one training path: the loss, the alpha schedules, a Trainer.
 
-Used by knowledge inheritance (a small teacher guides a bigger student's pre-training, METHODS.md
+Used by knowledge inheritance (a small teacher guides a bigger student's pre-training, docs/methods.md,
 section 2) and reusable by any method that distils: recyclable tuning adds the hidden-state term.
 
     loss = (1 - alpha) * CE + alpha * tau^2 * KL(teacher^tau || student^tau) + beta * MSE(hidden)

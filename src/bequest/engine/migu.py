@@ -1,4 +1,4 @@
-"""MIGU: magnitude-based gradient updating for continual fine-tuning (Du et al. 2024; METHODS.md section 5).
+"""MIGU: magnitude-based gradient updating for continual fine-tuning (Du et al. 2024; docs/methods.md, section 5).
 
 A `TrainerCallback` plus forward hooks. During each optimizer step, every masked layer (each trainable
 `nn.Linear`, GPT-2's `Conv1D`, and under peft the LoRA A and B matrices, which are `nn.Linear` too)

@@ -1,4 +1,4 @@
-"""Growth: start a bigger model from a smaller trained one (METHODS.md section 1).
+"""Growth: start a bigger model from a smaller trained one (docs/methods.md, section 1).
 
 - `spec`: `GrowSpec`, what a growth asks for, and `target_shape`, the sizes it comes to.
 - `width`, `depth`: the operators (`WIDTH`, `DEPTH`), registered by name.

@@ -14,6 +14,8 @@ DEPTH = {}
 
 def depth(name: str):
     def register(fn):
+        if name in DEPTH:
+            raise ValueError(f"depth operator {name!r} is registered twice")
         DEPTH[name] = fn
         return fn
 

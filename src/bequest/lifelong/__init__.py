@@ -1,4 +1,4 @@
-"""`bequest lifelong`: pre-training through a stream of domains (ELLE, Qin et al. 2022; METHODS.md section 6).
+"""`bequest lifelong`: pre-training through a stream of domains (ELLE, Qin et al. 2022; docs/methods.md, section 6).
 
 Domains arrive in order. Stage k trains on domain k; before it, for `method: elle`, the model is grown
 (any `bequest.grow` operator, per the grow schedule), a function-recovering warm-up trains it on the

@@ -20,13 +20,7 @@ from bequest.io import atomic_dir, check_output, load_model, write_model
 from bequest.lifelong.metrics import perplexity, plot, stage_metrics
 from bequest.lifelong.prompts import collate, encode, prompt_id, prompt_token
 from bequest.lifelong.recipe import METHODS, LifelongRecipe
-from bequest.lifelong.schedule import (
-    SIZES,
-    _check_growth,
-    _grow,
-    parse_schedule,
-    stage_steps,
-)
+from bequest.lifelong.schedule import SIZES, check_growth, grow_stage, parse_schedule, stage_steps
 
 
 def lifelong(r: LifelongRecipe) -> dict:
@@ -46,7 +40,7 @@ def lifelong(r: LifelongRecipe) -> dict:
     schedule = parse_schedule(r.grow_schedule)
     tokenizer, model = _tokenizer_and_model(r, specs, names, use_prompts)
     if plan["grow"] and len(specs) > 1:
-        _check_growth(model, schedule, r)
+        check_growth(model, schedule, r)
     train_sets, eval_sets = _domain_sets(r, specs, names, tokenizer, use_prompts)
     memory = Memory(seed=r.seed, per_source=r.memory_size)
 
@@ -74,7 +68,7 @@ def lifelong(r: LifelongRecipe) -> dict:
         row = {"stage": k, "domain": name, "ppl_grown": None, "recover_steps": 0, "flops": 0}
         if k and plan["grow"]:
             growth = schedule[min(k - 1, len(schedule) - 1)]
-            model = _grow(model, growth, r, k)
+            model = grow_stage(model, growth, r, k)
             row["ppl_grown"] = evaluate(model)
         recover = r.warmup_steps if k and plan["recover"] and plan["grow"] else 0
         recover, steps, fpt = stage_steps(r, model, per_step, r.seq_len + use_prompts, recover)
@@ -133,7 +127,7 @@ def _tokenizer_and_model(r: LifelongRecipe, specs: list[str], names: list[str], 
             raise BequestError(f"{r.base} has no tokenizer.json; save the tokenizer beside the model")
     else:
         fam = FAMILIES[r.family]
-        own = None if all(s in data.DOMAINS for s in specs) else [t for s in specs for t in domain_texts(s, "train")["text"]]
+        own = None if all(s in data.DOMAINS for s in specs) else [t for s in specs for t in domain_texts(s, "train", r)["text"]]
         tokenizer = data.train_tokenizer(fam.tokenizer, r.vocab, texts=own)
     if prompts:  # every domain's prompt up front: the vocabulary stays fixed through the stream
         tokenizer.add_tokens([prompt_token(n) for n in names], special_tokens=True)
@@ -158,8 +152,8 @@ def _domain_sets(r: LifelongRecipe, specs: list[str], names: list[str], tokenize
     train_sets, eval_sets = [], []
     for spec, name in zip(specs, names):
         prompt = prompt_id(tokenizer, name) if prompts else None
-        blocks = list(lm_blocks(domain_texts(spec, "train"), tokenizer, r.seq_len)["input_ids"])
-        held = list(lm_blocks(domain_texts(spec, "validation"), tokenizer, r.seq_len)["input_ids"])[: r.eval_blocks]
+        blocks = list(lm_blocks(domain_texts(spec, "train", r), tokenizer, r.seq_len)["input_ids"])
+        held = list(lm_blocks(domain_texts(spec, "validation", r), tokenizer, r.seq_len)["input_ids"])[: r.eval_blocks]
         if not blocks or not held:
             raise BequestError(f"domain {name!r} is shorter than one {r.seq_len}-token block; add text or lower it")
         train_sets.append(Dataset.from_dict(encode(blocks, prompt, tokenizer.pad_token_id)))

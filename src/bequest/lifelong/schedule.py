@@ -50,17 +50,16 @@ def stage_steps(r: LifelongRecipe, model, per_step: int, seq: int, recover: int)
     return recover, max(1, total - recover), fpt
 
 
-def _grow(model, growth, r: LifelongRecipe, k: int):
-    from bequest.grow import grow
+def grow_stage(model, growth, r: LifelongRecipe, k: int):
+    """The model grown for stage k by one step of the schedule."""
+    from bequest.grow import GrowSpec, grow
 
-    shape = next_shape(anatomy(model), growth)
-    return grow(model, **shape, width=r.width, depth=r.depth, placement=r.placement, noise=r.noise, seed=r.seed + k).model.train()
+    spec = GrowSpec.from_recipe(r, next_shape(anatomy(model), growth), seed=r.seed + k)
+    return grow(model, spec).model.train()
 
 
-def _check_growth(model, schedule, r: LifelongRecipe) -> None:
-    """Operators and the first growth's sizes, refused before any stage trains."""
-    from bequest.grow import depth, targets, width
+def check_growth(model, schedule, r: LifelongRecipe) -> None:
+    """The first growth's sizes, refused before any stage trains (the recipe already checked the operators)."""
+    from bequest.grow import GrowSpec, target_shape
 
-    width.check(r.width)
-    depth.check(r.depth)
-    targets(anatomy(model), **next_shape(anatomy(model), schedule[0]))
+    target_shape(anatomy(model), GrowSpec.from_recipe(r, next_shape(anatomy(model), schedule[0])))

@@ -1,5 +1,5 @@
 """Grow a PEFT module along its host's growth maps, so that on the grown host it computes what it
-computed on the old one (METHODS.md sections 1 and 4).
+computed on the old one (docs/methods.md, sections 1 and 4).
 
 Every axis of a module tensor lives in one of the host's unit spaces (hidden coordinates, heads, KV
 heads, FFN units, pooler units) and, like the host's own weights in `bequest.grow.width`, either

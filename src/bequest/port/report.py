@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from bequest.peft import KINDS
-from bequest.port.command import INITS
+from bequest.port.carry import INITS
 
 
 def summary(rows: list[dict]) -> list[dict]:

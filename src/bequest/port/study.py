@@ -31,7 +31,7 @@ from bequest.engine import labelled, train
 from bequest.errors import BequestError
 from bequest.io import atomic_dir, load_config, load_model, save_recipe
 from bequest.peft import KINDS, attach, module_of, new_config, read_module, virtual_tokens, with_module, write_module
-from bequest.port.command import INITS, Init, port_module
+from bequest.port.carry import INITS, Init, port_module
 from bequest.port.report import write_report
 from bequest.recipe import PeftFields, PeftKind, Recipe, TrainFields, TuningFields
 
