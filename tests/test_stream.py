@@ -199,3 +199,12 @@ def test_a_killed_run_leaves_nothing_that_looks_complete(tmp_path, where):
     assert ("config.json" in names) == ("model.safetensors.index.json" in names) == (where == "card")
     with pytest.raises(BequestError):
         load_model(out)
+
+
+def test_the_next_grow_removes_what_a_killed_grow_left(tmp_path):
+    src = save(tmp_path / "src", trained("llama"))
+    stale = tmp_path / ".big.tmp-0123abcd"
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"x" * 4096)
+    grow_command(GrowRecipe(src=str(src), out=str(tmp_path / "big"), layers=3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "src"]

@@ -6,6 +6,7 @@ YAML keys and the flags are the same names and carry the same help text. User er
 
 from __future__ import annotations
 
+import errno
 import importlib
 import inspect
 import sys
@@ -35,6 +36,8 @@ VERBS = [
     (None, "port", "bequest.port.command", "PortRecipe", "port", ("out",)),
     ("study", "port", "bequest.port.study", "StudyRecipe", "study", ()),
 ]
+# The machine's, not bequest's: a full or read-only disk is the user's to fix, so one line, not a traceback.
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 GROUPS = {"study": "Grid studies of a method: hosts x types x seeds."}
 
 
@@ -96,14 +99,14 @@ def verb(group: typer.Typer, name: str, recipe_cls: type[BaseModel], run: Callab
     )
 
     def command(**kwargs):
-        from bequest.io import release
-
         try:
             run(resolve(recipe_cls, kwargs.pop("recipe"), **kwargs))
         except BequestError as e:
             _fail(e)
-        finally:
-            release()  # the run's outputs are done with, finished or not
+        except OSError as e:
+            if e.errno not in DISK_ERRORS:
+                raise
+            _fail(f"writing {e.filename or 'the output'} failed ({e.strerror}); free space or choose another OUT")
 
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = run.__doc__

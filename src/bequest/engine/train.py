@@ -21,7 +21,7 @@ from transformers.trainer_pt_utils import safe_globals
 
 from bequest.engine.data import collator
 from bequest.errors import BequestError
-from bequest.io import partial_dir, read_header
+from bequest.io import hold, let_go, make_dir, partial_dir, read_header
 from bequest.recipe import TrainFields
 
 
@@ -40,7 +40,9 @@ def prepare_work(out: str | Path, recipe: dict, overwrite: bool) -> Path:
     work = partial_dir(out)
     saved = work / "recipe.yaml"
     if state.is_main_process and work.exists():
+        hold(work)  # refused while another run trains into the same OUT
         if overwrite or not _progress(work):  # nothing there worth keeping (say, a run stopped by a NaN)
+            let_go(work)
             shutil.rmtree(work)
         elif _saved_recipe(saved) != recipe:
             raise BequestError(
@@ -48,7 +50,7 @@ def prepare_work(out: str | Path, recipe: dict, overwrite: bool) -> Path:
                 "in its recipe.yaml to resume it, or pass --overwrite to start over"
             )
     if state.is_main_process:
-        work.mkdir(parents=True, exist_ok=True)
+        hold(make_dir(work))
         saved.write_text(yaml.safe_dump(recipe, sort_keys=False))
     state.wait_for_everyone()
     return work

@@ -7,7 +7,7 @@
 - `folders`: atomic output folders and the hidden work folder of a run.
 """
 
-from bequest.io.folders import atomic_dir, check_output, partial_dir, release
+from bequest.io.folders import atomic_dir, check_output, hold, let_go, make_dir, partial_dir
 from bequest.io.models import (
     check_checkpoint, load_config, load_lm, load_model, load_tokenizer, model_card, read_lineage, save_model, save_recipe,
     write_model,
@@ -27,6 +27,9 @@ __all__ = [
     "check_checkpoint",
     "check_disk",
     "check_output",
+    "hold",
+    "let_go",
+    "make_dir",
     "create_file",
     "encode_header",
     "load_config",
@@ -39,7 +42,6 @@ __all__ = [
     "pwrite",
     "read_header",
     "read_lineage",
-    "release",
     "save_model",
     "save_recipe",
     "shard_names",

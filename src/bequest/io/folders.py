@@ -16,53 +16,49 @@ from pathlib import Path
 
 from bequest.errors import BequestError
 
-_HELD: dict[Path, int] = {}  # OUT -> the open lock file that holds it for this process
+_HELD: dict[Path, int] = {}  # folders this process holds, and the open descriptor that holds each
 
 
 def check_output(out: str | Path, overwrite: bool) -> Path:
-    """Refuse to touch an existing output unless asked, and hold OUT for this run; call before doing
-    any work."""
+    """Refuse to touch an existing output unless asked; call before doing any work."""
     out = Path(out)
-    claim(out)
     if out.exists() and not overwrite:
         raise BequestError(f"{out} already exists; pass --overwrite to replace it or choose another path")
     if out.exists() and not out.is_dir():
         raise BequestError(f"{out} exists and is not a folder; remove it or choose another path")
+    where = out.absolute().parent
+    while not where.exists():
+        where = where.parent
+    if not os.access(where, os.W_OK):
+        raise BequestError(f"cannot write into {where} (read-only); choose an OUT in a writable folder")
     return out
 
 
-def claim(out: Path) -> None:
-    """Hold OUT until this run ends (`release`): a second run into the same OUT is refused while this
-    one lives, and whatever a killed run into OUT left behind (`.OUT.tmp-*`) is removed."""
-    if os.environ.get("RANK", "0") != "0":  # the other processes of a launch follow their main one
-        return
-    key = out.absolute()
-    if key in _HELD:
-        return
+def make_dir(folder: Path) -> Path:
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out.parent / f".{out.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise BequestError(f"cannot write into {out.parent} ({e.strerror}); choose an OUT in a writable folder") from None
+        raise BequestError(f"cannot write into {folder.parent} ({e.strerror}); choose an OUT in a writable folder") from None
+    return folder
+
+
+def hold(folder: Path) -> None:
+    """Hold `folder` (an advisory lock on the folder itself) until `let_go` or the end of this process:
+    another bequest run that tries to hold it is refused. A killed run holds nothing."""
+    let_go(folder)
+    fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise BequestError(f"{out} is being written by another bequest run; wait for it to end or choose another OUT") from None
-    _HELD[key] = fd
-    for stale in glob.glob(glob.escape(str(out.parent / f".{out.name}.tmp-")) + "*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        raise BequestError(f"{folder} is in use by another bequest run; wait for it to end or choose another OUT") from None
+    _HELD[folder.absolute()] = fd
 
 
-def release(out: str | Path | None = None) -> None:
-    """Let go of OUT (default: every OUT this process holds) and remove its lock file."""
-    keys = list(_HELD) if out is None else [Path(out).absolute()]
-    for key in keys:
-        fd = _HELD.pop(key, None)
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(key.parent / f".{key.name}.lock")
-            os.close(fd)
+def let_go(folder: Path) -> None:
+    fd = _HELD.pop(folder.absolute(), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def partial_dir(out: str | Path) -> Path:
@@ -75,12 +71,19 @@ def partial_dir(out: str | Path) -> Path:
 def atomic_dir(out: str | Path, overwrite: bool = False, work: Path | None = None):
     """Yield a hidden sibling folder; on success it becomes `out`, on failure nothing changes."""
     out = check_output(out, overwrite)
-    tmp = work or out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True, exist_ok=work is not None)
+    for stale in out.parent.glob(f"{glob.escape(f'.{out.name}')}.tmp-*"):
+        hold(stale)  # refused while another run writes OUT; else it is what a killed run left behind
+        let_go(stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = work
+    if tmp is None:
+        tmp = make_dir(out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+        hold(tmp)
     try:
         yield tmp
     except BaseException:
         if work is None:
+            let_go(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
@@ -92,4 +95,4 @@ def atomic_dir(out: str | Path, overwrite: bool = False, work: Path | None = Non
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    release(out)
+    let_go(tmp)
