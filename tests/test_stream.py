@@ -208,3 +208,23 @@ def test_the_next_grow_removes_what_a_killed_grow_left(tmp_path):
     (stale / "model-00001-of-00002.safetensors").write_bytes(b"x" * 4096)
     grow_command(GrowRecipe(src=str(src), out=str(tmp_path / "big"), layers=3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "src"]
+
+
+@pytest.mark.parametrize("noise, dtype", [(1e39, torch.float32), (1e6, torch.float16)])
+def test_noise_that_breaks_the_weights_is_an_error(tmp_path, noise, dtype):
+    """The probe read NaN/inf as "no change" (max() keeps the old value past a NaN); non-finite weights are refused."""
+    src = save(tmp_path / "src", trained("llama").to(dtype))
+    with pytest.raises(BequestError, match="non-finite"):
+        grow_command(GrowRecipe(src=str(src), out=str(tmp_path / "big"), hidden=48, heads=6, kv_heads=3,
+                                noise=noise))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_probe_refuses_non_finite_outputs():
+    from bequest.grow import max_abs_logit_change
+
+    old, new = trained("llama"), trained("llama")
+    with torch.no_grad():
+        next(new.parameters()).fill_(float("nan"))
+    with pytest.raises(BequestError, match="not finite"):
+        max_abs_logit_change(old, new, torch.randint(0, 100, (2, 8)))

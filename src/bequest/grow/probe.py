@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from bequest.anatomy import anatomy
+from bequest.errors import BequestError
 
 PROBE = (2, 16)  # sequences x tokens of the fixed probe batch
 
@@ -22,7 +25,11 @@ def max_abs_logit_change(old, new, probe_ids: torch.Tensor) -> float:
         for row in probe_ids.to(next(old.parameters()).device):
             a = _outputs(old, row[None]).float()
             b = _outputs(new, row[None]).float()[..., : a.shape[-1]]
-            worst = max(worst, (a - b).abs().max().item())
+            change = (a - b).abs().max().item()
+            if not math.isfinite(change):  # max() would keep the old value past a NaN
+                raise BequestError("the grown model's outputs are not finite on the probe; its weights are broken "
+                                   "(a noise std too large for the checkpoint's dtype?)")
+            worst = max(worst, change)
         return worst
     finally:
         old.train(modes[0])

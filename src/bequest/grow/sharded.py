@@ -28,7 +28,7 @@ from bequest.anatomy import Anatomy, anatomy, build_model
 from bequest.errors import BequestError
 from bequest.grow.depth import DEPTH, WRITERS, moved, new_blocks
 from bequest.grow.maps import growth_maps
-from bequest.grow.noise import add_noise, expanded
+from bequest.grow.noise import add_noise, expanded, finite
 from bequest.grow.spec import GrowSpec, target_shape
 from bequest.grow.state import QKV, from_roles, grown_config, join_key, split_key, to_roles
 from bequest.grow.width import WIDTH, WidthOperator, eps_factor, expand_options, is_pooled
@@ -244,7 +244,8 @@ def _finish(p: Plan, out: Output, state: dict, old_shapes: dict) -> torch.Tensor
     t = from_roles(grown, p.new_anat, [out.name])[out.name]
     if tuple(t.shape) != out.shape:
         raise BequestError(f"internal: grown {out.name} is {tuple(t.shape)}, planned {out.shape}; please report this")
-    return t.to(DTYPES[out.dtype]).contiguous()
+    cause = f"--noise {p.spec.noise:g} in {out.dtype}" if p.spec.noise else f"casting to {out.dtype}"
+    return finite(out.name, t.to(DTYPES[out.dtype]), cause).contiguous()  # fp16's range is small
 
 
 @contextlib.contextmanager
