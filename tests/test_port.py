@@ -283,3 +283,22 @@ def test_study_runs_the_grid_resumes_and_reports(tmp_path, capsys):
     assert again["summary"] == result["summary"] and "accuracy" not in capsys.readouterr().out
     with pytest.raises(BequestError, match=r"other settings \(steps\)"):
         study(StudyRecipe(**{**recipe, "steps": 3}))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "pickle-only", "wrong-shape"])
+def test_a_broken_host_is_refused_before_anything_is_written(tmp_path, damage):
+    a, b = host(tmp_path / "a", seed=0), host(tmp_path / "b", seed=1)
+    trained_module(a, "lora", tmp_path / "m")
+    weights = b / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "pickle-only":
+        weights.rename(b / "pytorch_model.bin")
+    else:
+        config = json.loads((b / "config.json").read_text())
+        (b / "config.json").write_text(json.dumps({**config, "n_inner": 2 * config["n_inner"]}))
+    result = CliRunner().invoke(cli.app, ["port", "--adapter", str(tmp_path / "m"), "--to", str(b), str(tmp_path / "p")])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
+    assert not (tmp_path / "p").exists() and not list(tmp_path.glob(".p.*"))

@@ -208,3 +208,21 @@ def test_every_peft_type_is_carried_over_unchanged(tmp_path, world, kind):
     r = r.model_copy(update={"out": str(tmp_path / "new"), "new_base": str(world / "new"), "method": "combined"})
     recycle(r, progress=False)
     assert read_module(tmp_path / "new").kind == kind
+
+
+@pytest.mark.parametrize("broken", ["missing", "truncated"])
+def test_every_base_is_checked_whatever_the_method_reads(world, tmp_path, broken):
+    """`--method init` with an adapter never loads the old base; a broken one must still be refused up front."""
+    from bequest.cli import app
+    import shutil
+
+    old = tmp_path / "old"
+    if broken == "truncated":
+        shutil.copytree(world / "old", old)
+        weights = old / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-64])
+    r = CliRunner().invoke(app, ["recycle", "--old-base", str(old), "--new-base", str(world / "new"), "--task-weights",
+                                 str(world / "lora"), "--method", "init", "--data", "kind", "--steps", "1",
+                                 str(tmp_path / "out")])
+    assert r.exit_code == 2 and "error: " in r.output and str(old) in r.output, r.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()

@@ -32,7 +32,7 @@ from bequest.data.prepare import check_room, lm_splits, task_sets, text_splits
 from bequest.engine import curve, forward_flops_per_token, prepare_work, processes, train, train_flops_per_token
 from bequest.engine.kd import KD, KDTrainer, TeacherMeter
 from bequest.errors import BequestError
-from bequest.io import atomic_dir, check_output, load_config, load_lm, load_model, load_tokenizer, write_model
+from bequest.io import atomic_dir, check_model, check_output, load_config, load_lm, load_model, load_tokenizer, write_model
 from bequest.peft import CONFIG, attach, expected, misfits, read_module, save_tuned, with_module
 from bequest.recipe import CorpusFields, KDFields, OutputFields, TaskFields, TrainFields, TuningFields, defaults
 
@@ -192,6 +192,8 @@ def recycle(r: RecycleRecipe, *, progress: bool = True) -> dict:
     """Carry task weights tuned on an old base to its upgrade: init, distill, combined (or fresh)."""
     state = processes()
     check_output(r.out, r.overwrite)
+    for base in (r.old_base, r.new_base):  # every model argument, whichever the method reads later
+        anatomy(check_model(base))
     tokenizer = load_tokenizer(r.new_base, required="recycling")
     old_tokenizer = load_tokenizer(r.old_base)
     if old_tokenizer is not None and not same_tokenizer(tokenizer, old_tokenizer):

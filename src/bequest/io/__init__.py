@@ -9,7 +9,7 @@
 
 from bequest.io.folders import atomic_dir, check_output, hold, let_go, make_dir, partial_dir
 from bequest.io.models import (
-    check_checkpoint, load_config, load_lm, load_model, load_tokenizer, model_card, read_lineage, save_model, save_recipe,
+    check_checkpoint, check_model, load_config, load_lm, load_model, load_tokenizer, model_card, read_lineage, save_model, save_recipe,
     write_model,
 )
 from bequest.io.safetensors import (
@@ -25,6 +25,7 @@ __all__ = [
     "TensorReader",
     "atomic_dir",
     "check_checkpoint",
+    "check_model",
     "check_disk",
     "check_output",
     "hold",

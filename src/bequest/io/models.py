@@ -73,6 +73,14 @@ def check_checkpoint(path: Path, config, task: str) -> dict[str, dict]:
     return headers
 
 
+def check_model(path: str | Path) -> transformers.PretrainedConfig:
+    """A model folder checked as a loader would check it (config, every tensor's role, shape and
+    presence; headers only, no weight read); its config."""
+    config = load_config(path)
+    check_checkpoint(Path(path), config, task_of(config))
+    return config
+
+
 def _skeleton(config, task: str):
     """(anatomy, parameters) of a weightless model of `config` with the `task` head."""
     with torch.device("meta"):

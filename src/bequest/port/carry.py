@@ -14,7 +14,7 @@ import torch
 
 from bequest.anatomy import anatomy
 from bequest.errors import BequestError
-from bequest.io import load_config, load_model, read_lineage
+from bequest.io import check_model, load_config, load_model, read_lineage
 from bequest.peft import Module, expected, misfits, module_of, with_module
 from bequest.port.follow import follow, source_config
 
@@ -87,7 +87,7 @@ def scratch(module: Module, host: Path, config: dict, seed: int) -> dict[str, to
 def port_module(module: Module, host: str | Path, *, init: Init = "ported", seed: int = 0) -> tuple[Module, dict]:
     """(the module for `host`, a report: how it was carried and how many tensors matched / grew)."""
     host = Path(host)
-    config = load_config(host)
+    config = check_model(host)  # a truncated, empty or pickle-only host is refused before anything is written
     fam = anatomy(config, module.task).family
     labels = module.num_labels(fam)
     refilled, want = expected(module.config, config, module.task, labels)
