@@ -12,7 +12,7 @@ import transformers
 import yaml
 
 from bequest import __version__
-from bequest.anatomy import AUTO_CLASSES, anatomy, task_of
+from bequest.anatomy import AUTO_CLASSES, anatomy, family_of, task_of
 from bequest.errors import BequestError
 from bequest.io.folders import atomic_dir
 from bequest.io.safetensors import read_header, weight_files
@@ -31,9 +31,30 @@ def load_config(path: str | Path) -> transformers.PretrainedConfig:
     if not (path / "config.json").exists():
         raise BequestError(f"{path}: missing config.json; a model folder needs the config it was saved with")
     try:
-        return transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as e:
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise BequestError(f"{path / 'config.json'}: unreadable config ({str(e).splitlines()[0]})") from None
+    _check_shape(config, path / "config.json")
+    return config
+
+
+REQUIRED = ("hidden", "layers", "heads", "vocab")  # shape settings every supported family states
+
+
+def _check_shape(config, where: Path) -> None:
+    """Shape settings are whole numbers >= 1 that fit together (transformers would fail deep inside)."""
+    fam = family_of(config)
+    for key, attr in fam.config_keys.items():
+        value = getattr(config, attr, None)
+        if value is None and key not in REQUIRED:
+            continue  # a default the family derives (GPT-2's n_inner, Llama's head_dim)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BequestError(f"{where}: {attr} is {value!r}; it must be a whole number of at least 1, fix config.json")
+    a = anatomy(config, "base")
+    if getattr(config, fam.config_keys.get("head_dim", ""), None) is None and a.hidden % a.heads:
+        raise BequestError(f"{where}: {a.hidden} hidden units do not split into {a.heads} heads; fix config.json")
+    if a.heads % a.kv_heads:
+        raise BequestError(f"{where}: {a.kv_heads} KV heads do not divide {a.heads} heads; fix config.json")
 
 
 def check_checkpoint(path: Path, config, task: str) -> dict[str, dict]:

@@ -30,7 +30,15 @@ def read_header(file: Path) -> dict[str, dict]:
             header = json.loads(f.read(n))
     except (OSError, ValueError, struct.error) as e:
         raise BequestError(f"{file}: not a readable safetensors file ({e}); re-save or re-download it") from None
+    if not isinstance(header, dict):
+        raise BequestError(f"{file}: the safetensors header is not a table of tensors; re-save or re-download it")
     header.pop("__metadata__", None)
+    for name, t in header.items():
+        if not (isinstance(t, dict) and isinstance(t.get("dtype"), str) and isinstance(t.get("shape"), list)
+                and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2
+                and all(isinstance(x, int) and x >= 0 for x in [*t["shape"], *t["data_offsets"]])):
+            raise BequestError(f"{file}: tensor {name!r} has no valid dtype, shape and data_offsets in the header; "
+                               "re-save or re-download it")
     end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if 8 + n + end != size:
         raise BequestError(

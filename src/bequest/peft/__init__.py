@@ -83,6 +83,8 @@ def read_module(folder: str | Path) -> Module:
         config = json.loads((folder / CONFIG).read_text())
     except ValueError as e:
         raise BequestError(f"{folder / CONFIG}: not valid JSON ({e}); re-save the adapter") from None
+    if not isinstance(config, dict):
+        raise BequestError(f"{folder / CONFIG}: not a mapping of settings; re-save the adapter")
     kind = BY_TYPE.get(config.get("peft_type"))
     if kind is None:
         raise BequestError(

@@ -84,9 +84,14 @@ class Kind:
         from peft import PeftConfig, get_peft_model
 
         config = {k: None if k in self.host_fields else v for k, v in config.items()}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # peft's notes on Conv1D layouts and unused heads are not news
-            return get_peft_model(model, PeftConfig.from_peft_type(**config))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # peft's notes on Conv1D layouts and unused heads are not news
+                return get_peft_model(model, PeftConfig.from_peft_type(**config))
+        except (ValueError, TypeError) as e:  # e.g. target_modules that name nothing in this host
+            reason = str(e).strip().splitlines()[0][:200]
+            raise BequestError(f"the {self.name} module's config does not fit this host ({reason}); "
+                               "check its target_modules or port it with `bequest port`") from None
 
     def carried(self, model) -> dict | None:
         """The config of this kind's module that `model` carries (None: it carries none)."""
