@@ -58,7 +58,7 @@ BROKEN_MODELS = {
 VERBS = {
     "info": ["info", "{MODEL}"],
     "grow": ["grow", "{MODEL}", "{OUT}", "--layers", "2"],
-    "finetune": ["finetune", "--model", "{MODEL}", "--steps", "1", "{OUT}"],
+    "finetune": ["finetune", "--model", "{MODEL}", "--steps", "1", "--max-len", "32", "{OUT}"],
     "continue-pretrain": ["continue-pretrain", "--model", "{MODEL}", "--steps", "1", "--seq-len", "32", "{OUT}"],
     "inherit": ["inherit", "--teacher", "{MODEL}", "--steps", "1", "--seq-len", "32", "{OUT}"],
     "learn": ["learn", "--model", "{MODEL}", "--tasks", "kind", "--steps", "1", "--max-len", "32", "{OUT}"],
