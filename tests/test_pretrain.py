@@ -116,22 +116,6 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert timeless(rows) == timeless(whole), "the resumed run's log must read as one uninterrupted run"
 
 
-def test_two_process_accelerate_run(tmp_path):
-    out = tmp_path / "ddp"
-    # --multi_gpu is accelerate's torchrun launcher; on a machine without GPUs it runs gloo on CPU.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-           "-m", "bequest", "pretrain", "--family", "gpt2", *TINY, "--steps", "6", "--eval-every", "3", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    # Two processes of 4 blocks of 32 tokens each: 256 tokens per optimizer step, counted once.
-    last = max(rows, key=lambda x: x["step"])
-    assert last["step"] == 6 and last["tokens"] == 6 * 2 * 4 * 32
-    # Only the main process writes: evaluations at the start, steps 3 and 6, and the closing one.
-    assert [x["step"] for x in rows if "eval_loss" in x] == [0, 3, 6, 6]
-
-
 def test_existing_output_is_refused_and_kept(tmp_path):
     out = tmp_path / "m"
     out.mkdir()

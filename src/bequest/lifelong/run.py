@@ -63,8 +63,10 @@ def lifelong(r: LifelongRecipe) -> dict:
             stages.append(json.loads(done.read_text()))
             parent = str(Path(r.out) / folder.name)
             continue
-        shutil.rmtree(folder, ignore_errors=True)  # an unfinished stage starts over
-        folder.mkdir(parents=True)
+        if state.is_main_process:  # an unfinished stage starts over
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+        state.wait_for_everyone()
         row = {"stage": k, "domain": name, "ppl_grown": None, "recover_steps": 0, "flops": 0}
         if k and plan["grow"]:
             growth = schedule[min(k - 1, len(schedule) - 1)]
@@ -81,8 +83,10 @@ def lifelong(r: LifelongRecipe) -> dict:
             m = train(model, tokenizer, "causal_lm", windows, held, folder / "recover", spec,
                       flops_per_token=fpt, trainer_class=WindowTrainer, progress=False)
             row.update(recover_steps=recover, flops=m["flops"])
-            shutil.move(folder / "recover" / "metrics.jsonl", folder / "recover.jsonl")
-            shutil.rmtree(folder / "recover")
+            if state.is_main_process:  # the only process that logged
+                shutil.move(folder / "recover" / "metrics.jsonl", folder / "recover.jsonl")
+                shutil.rmtree(folder / "recover")
+            state.wait_for_everyone()
         fraction = r.replay_fraction if k and plan["replay"] else 0.0
         windows = memory.windows(train_sets[k], r.batch_size, steps * micro, fraction, seed=r.seed * 1000 + k + 500)
         spec = r.model_copy(update={"steps": steps})
