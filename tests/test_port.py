@@ -302,3 +302,45 @@ def test_a_broken_host_is_refused_before_anything_is_written(tmp_path, damage):
     result = CliRunner().invoke(cli.app, ["port", "--adapter", str(tmp_path / "m"), "--to", str(b), str(tmp_path / "p")])
     assert result.exit_code == 2 and result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
     assert not (tmp_path / "p").exists() and not list(tmp_path.glob(".p.*"))
+
+
+# ---------------------------------------------------------------- modules made by plain peft
+
+PLAIN_TARGETS = {
+    "lora per-layer names": ("lora", dict(target_modules=["transformer.h.1.attn.c_proj", "transformer.h.0.mlp.c_fc"])),
+    "lora regex": ("lora", dict(target_modules=r".*\.h\.1\.mlp\.c_proj")),
+    "lora all-linear": ("lora", dict(target_modules="all-linear")),
+    "lora layers_to_transform": ("lora", dict(target_modules=["c_attn", "c_proj"], layers_to_transform=[1],
+                                              layers_pattern="h")),
+    "ia3 per-layer names": ("ia3", dict(target_modules=["transformer.h.1.attn.c_attn", "transformer.h.1.mlp.c_proj"],
+                                        feedforward_modules=["transformer.h.1.mlp.c_proj"])),
+    "ia3 regex": ("ia3", dict(target_modules=r".*\.h\.0\.(attn\.c_attn|mlp\.c_proj)",
+                              feedforward_modules=r".*\.h\.0\.mlp\.c_proj")),
+}
+
+
+@pytest.mark.parametrize("targets", PLAIN_TARGETS)
+@pytest.mark.parametrize("shape", [{"layers": 5}, ODD], ids=["deeper", "wider and deeper"])
+def test_plain_peft_module_without_task_type_ports_exactly(tmp_path, targets, shape):
+    """Layer-indexed targets follow the layer map: old layer 1's module lands on the grown model's copy of
+    layer 1, not on whatever block now has index 1 (an identity block after growth)."""
+    from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+
+    a = host(tmp_path / "a")
+    kind, settings = PLAIN_TARGETS[targets]
+    config = LoraConfig(r=4, lora_alpha=8, **settings) if kind == "lora" else IA3Config(**settings)
+    model = get_peft_model(load_model(a)[0], config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "ia3_" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "m")
+    assert "task_type" not in json.loads((tmp_path / "m" / "adapter_config.json").read_text()) or \
+        json.loads((tmp_path / "m" / "adapter_config.json").read_text())["task_type"] is None
+    grow_command(GrowRecipe(src=str(a), out=str(tmp_path / "g"), **shape))
+    report = port(PortRecipe(adapter=str(tmp_path / "m"), to=str(tmp_path / "g"), out=str(tmp_path / "p")))
+    before = PeftModel.from_pretrained(load_model(a)[0], str(tmp_path / "m")).eval()
+    after = PeftModel.from_pretrained(load_model(tmp_path / "g")[0], str(tmp_path / "p")).eval()
+    ids = probe(vocab=120)
+    assert max_change(before, after, ids) < EXACT, report

@@ -119,7 +119,8 @@ def is_adapter(path: str | Path) -> bool:
 
 def check_module_fits(module, host: str | Path, labels: int | None) -> None:
     """Every tensor of the module has a place of its shape on `host`, before anything loads or is written."""
-    _, want = expected(module.config, load_config(host), module.task, labels)
+    config = load_config(host)
+    _, want = expected(module.config, config, module.host_task(config), labels)
     problems = misfits(module.tensors, want)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -169,11 +170,12 @@ def _full(r: RecycleRecipe, labels: int):
 def _peft(r: RecycleRecipe, labels: int):
     """(student, teacher) for PEFT modules; the teacher is the old base carrying the old module."""
     module = read_module(r.task_weights)
-    saved = module.num_labels(anatomy(load_config(r.new_base), module.task).family)
-    if module.task == "seq_cls" and saved not in (None, labels):
+    task = module.host_task(load_config(r.new_base))  # seq_cls: recycle() refused other task types
+    saved = module.num_labels(anatomy(load_config(r.new_base), task).family)
+    if saved not in (None, labels):
         raise BequestError(f"{r.task_weights} predicts {saved} labels but --data has {labels}")
     check_module_fits(module, r.new_base, labels)
-    host, _ = load_model(r.new_base, module.task, num_labels=labels, seed=r.seed, with_tokenizer=False)
+    host, _ = load_model(r.new_base, task, num_labels=labels, seed=r.seed, with_tokenizer=False)
     plan = METHODS[r.method]
     if plan["start_old"]:
         student = attach(host, module, trainable=True)
@@ -183,7 +185,7 @@ def _peft(r: RecycleRecipe, labels: int):
     teacher = None
     if plan["teacher"]:
         check_module_fits(module, r.old_base, labels)
-        old, _ = load_model(r.old_base, module.task, num_labels=labels, seed=r.seed, with_tokenizer=False)
+        old, _ = load_model(r.old_base, task, num_labels=labels, seed=r.seed, with_tokenizer=False)
         teacher = attach(old, module, trainable=False)
     return student, teacher
 

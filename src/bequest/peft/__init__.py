@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from bequest.anatomy import anatomy, build_model
+from bequest.anatomy import anatomy, build_model, task_of
 from bequest.errors import BequestError
 from bequest.io import read_header, save_recipe, write_model
 from bequest.peft.kind import Kind, as_dict, target_regex
@@ -52,10 +52,11 @@ class Module:
     config: dict  # adapter_config.json
     tensors: dict[str, torch.Tensor]  # adapter_model.safetensors
 
-    @property
-    def task(self) -> str:
-        """The head the host needs: a classifier for SEQ_CLS modules, an LM head for CAUSAL_LM ones."""
-        return HOST_TASKS.get(self.config.get("task_type"), "base")
+    def host_task(self, host_config) -> str:
+        """The head the host needs: a classifier for SEQ_CLS modules, an LM head for CAUSAL_LM ones; a
+        module saved without a task type (plain peft's PeftModel) sits on the host as the host is saved."""
+        task_type = self.config.get("task_type")
+        return HOST_TASKS.get(task_type, "base") if task_type else task_of(host_config)
 
     def num_labels(self, family) -> int | None:
         """Labels of the classifier saved with the module (None without one)."""

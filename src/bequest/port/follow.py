@@ -17,6 +17,7 @@ the output; the fresh values are the ones that can learn.
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 
@@ -142,18 +143,69 @@ def _block(fam, i: int) -> str:
     return "." + fam.layer_path.format(i=i) + "."
 
 
+def follow_config(module: Module, old_keys, new_keys, maps: dict, fam) -> dict:
+    """The module's config for the grown host. A config that puts the module on every block the same
+    way, old host and grown host alike (bequest's own regex, a suffix list), stays: new blocks get
+    fresh modules. Any other (per-layer names, as peft saves even `all-linear`; a layer regex;
+    layers_to_transform) names the modules explicitly on the grown host, on the copies of the blocks
+    the module was on: index 1 may be an identity block after growth.
+
+    `old_keys`, `new_keys`: the tensor names the config gives on the host it was grown from and on
+    the grown host."""
+    kind, config = KINDS[module.kind], module.config
+    if not kind.tensors or "target_modules" not in config:
+        return config  # prefix, prompt, bottleneck: every block, by construction
+    block = re.compile(r"(^|\.)" + re.escape(fam.layer_path).replace(r"\{i\}", r"(\d+)") + r"\.")
+    def modules(keys) -> set[str]:
+        return {_module_path(kind, _param(k))[0] for k in keys if _module_path(kind, _param(k))[1]}
+
+    def per_block(paths, layers: int) -> list[set]:
+        out = [set() for _ in range(layers)]
+        for path in paths:
+            m = block.search(path)
+            if m:
+                out[int(m[2])].add(path[m.end():])
+        return out
+
+    paths = modules(old_keys)
+    old = per_block(paths, max(s for s in maps["layers"] if s is not None) + 1)
+    new = per_block(modules(new_keys), len(maps["layers"]))
+    if all(b == old[0] for b in old + new) and config.get("layers_to_transform") is None:
+        return config
+
+    def placed(path_set):
+        out = set()
+        for path in path_set:
+            m = block.search(path)
+            if m is None:  # outside the blocks: stays where it is
+                out.add(path)
+                continue
+            i = int(m[2])
+            out.update(path[: m.start(2)] + str(j) + path[m.end(2):] for j, s in enumerate(maps["layers"]) if s == i)
+        return sorted(out)
+
+    out = {**config, "target_modules": placed(paths), "layers_to_transform": None, "layers_pattern": None}
+    if config.get("feedforward_modules") is not None:  # IA3: the modules whose inputs it scales
+        ff = {_module_path(kind, _param(k))[0] for k, t in module.tensors.items()
+              if _module_path(kind, _param(k))[1] and t.ndim == 2 and t.shape[0] == 1}
+        out["feedforward_modules"] = placed(ff)
+    return out
+
+
 def follow(module: Module, want: dict[str, tuple], host_config, task: str, maps: dict, seed: int = 0):
-    """(tensors for the grown host: every key of `want`, counts {matched, grown, fresh})."""
+    """(tensors for the grown host: every key of `want`, counts {matched, grown, fresh}). Every tensor
+    of the module must find a place: one left over is an error, never a silent drop."""
     anat = anatomy(host_config, task)
     fam, kind = anat.family, KINDS[module.kind]
     divided = anat.tied and task_of(host_config) in ("causal_lm", "masked_lm")
     gen = torch.Generator().manual_seed(seed)
-    out, counts = {}, {"matched": 0, "grown": 0, "fresh": 0}
+    out, counts, used = {}, {"matched": 0, "grown": 0, "fresh": 0}, set()
     for key, shape in want.items():
         grown = kind.grow(key, module.tensors.get(key), maps)
         if grown is not None:
             out[key] = grown
             counts["grown"] += 1
+            used.add(key)
             continue
         layer, ax = tensor_axes(kind, key, shape, anat, divided)
         src = None if layer is None else maps["layers"][layer]
@@ -162,6 +214,7 @@ def follow(module: Module, want: dict[str, tuple], host_config, task: str, maps:
             counts["fresh"] += 1
             continue
         source = key if layer is None else key.replace(_block(fam, layer), _block(fam, src), 1)
+        used.add(source)
         t = module.tensors[source].float()
         sp = spaces(maps, fam.norm, layer or 0)
         # Readers first, as the host's own weights grow: a writer's mean then covers the new columns.
@@ -176,4 +229,8 @@ def follow(module: Module, want: dict[str, tuple], host_config, task: str, maps:
         changed = source != key or tuple(t.shape) != tuple(module.tensors[source].shape) or not torch.equal(t, module.tensors[source])
         counts["grown" if changed else "matched"] += 1
         out[key] = t.to(module.tensors[source].dtype)
+    left = sorted(set(module.tensors) - used)
+    if left:
+        raise BequestError(f"{left[0]} (and {len(left) - 1} more) would have no place on the grown host; bequest "
+                           "cannot port this module along the growth maps, port it to a host of its own shape")
     return out, counts
