@@ -1,11 +1,14 @@
 """Sharded depth growth of a checkpoint (tensor by tensor) vs copying its bytes vs mergekit, side by side.
 
 Synthetic Llama checkpoints (random bf16 weights, several shards; written shard by shard with
-safetensors, never held whole) of two sizes are grown 1.25x deeper: 3.1 GB (a 1.5B shape, 700 MB
-shards) and 13.5 GB (Llama-2-7B's shape, 2 GB shards). Each job runs in its own process under /usr/bin/time -v (psutil polling where that is
-missing) for wall time and peak RSS:
+safetensors, never held whole) of three sizes are grown 1.25x deeper: 1.7 GB (16 layers, 5 shards of
+350 MB), 3.1 GB (a 1.5B shape, 700 MB shards) and 13.5 GB (Llama-2-7B's shape, 2 GB shards). Each job
+runs in its own process under /usr/bin/time -v (psutil polling where that is missing) for wall time
+and peak RSS:
   copy      shutil.copytree of the same folder: the physical limit of this disk
-  bequest   `bequest grow --layers 1.25L` with identity blocks (the CLI, imports and all)
+  bequest   `bequest grow --layers 1.25L --no-probe` with identity blocks (the CLI, imports and all)
+  bequest (probe)  the same with the logit probe on (its default): both models run module by module
+            from their shards on the probe batch
   bequest (interleave)  the CLI with full copies: the very job mergekit's passthrough does
   mergekit  mergekit-yaml passthrough slices that duplicate the same layers, in its own venv
 Jobs alternate round by round so drifting machine load hits all alike; the median is reported. Before
@@ -32,7 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-FULL = [dict(hidden=2048, heads=16, kv_heads=4, ffn=5632, layers=32, vocab=32000, shard=700 * 10**6),
+FULL = [dict(hidden=2048, heads=16, kv_heads=4, ffn=5632, layers=16, vocab=32000, shard=350 * 10**6),
+        dict(hidden=2048, heads=16, kv_heads=4, ffn=5632, layers=32, vocab=32000, shard=700 * 10**6),
         dict(hidden=4096, heads=32, kv_heads=32, ffn=11008, layers=32, vocab=32000, shard=2 * 10**9)]
 QUICK = [dict(hidden=64, heads=4, kv_heads=2, ffn=160, layers=4, vocab=1000, shard=200 * 10**3)]
 GROW = 1.25
@@ -211,6 +215,8 @@ def spot_check(name: str, out: Path, src: Path, work: Path, layers: int) -> dict
     if name == "bequest":
         return {"identity_copies_layer_0": torch.equal(read_tensor(out, Q.format(0)), read_tensor(src, Q.format(0))),
                 "identity_block_writer_is_zero": bool((read_tensor(out, DOWN.format(4)) == 0).all())}
+    if name == "bequest (probe)":  # identity growth keeps the function: the probe should read ~0
+        return {"probe_max_abs_logit_change": json.loads((out / "growth.json").read_text())["max_abs_logit_change"]}
     if name == "mergekit":
         return {"interleave_equals_mergekit": all(
             torch.equal(read_tensor(work / "interleave", n.format(j)), read_tensor(out, n.format(j)))
@@ -231,7 +237,7 @@ def figure(results: dict):
     for axes, size in zip(grid, sizes):
         med, ck, fixed = size["jobs"], size["checkpoint"], results["bequest_fixed_cost"]
         names = list(med)
-        colors = ["#888888", "#2a7ab9", "#6fa8dc", "#d9822b"][: len(names)]
+        colors = ["#888888", "#2a7ab9", "#1b4f7a", "#6fa8dc", "#d9822b"][: len(names)]
         axes[0].bar(names, [med[n]["wall_s"] for n in names], color=colors)
         axes[0].bar(names, [med[n]["sync_s"] for n in names], bottom=[med[n]["wall_s"] for n in names],
                     color=colors, alpha=0.35)
@@ -275,6 +281,7 @@ def one_size(work: Path, shape: dict, quick: bool, rounds: int, warm_start: bool
         "copy": lambda out: [sys.executable, "-c", "import shutil,sys; shutil.copytree(sys.argv[1], sys.argv[2])",
                              str(src), str(out)],
         "bequest": lambda out: [*bequest, str(out), *flags],
+        "bequest (probe)": lambda out: [*bequest, str(out), *[f for f in flags if f != "--no-probe"]],
     }
     if not quick:
         jobs["bequest (interleave)"] = lambda out: [*bequest, str(out), *flags, "--depth", "interleave"]
@@ -314,6 +321,8 @@ def one_size(work: Path, shape: dict, quick: bool, rounds: int, warm_start: bool
     goals = {
         "bequest_time_le_1.5x_copy": ratios["bequest"]["time_vs_copy"] <= 1.5,
         "bequest_rss_le_2x_largest_shard_plus_300MB": med["bequest"]["peak_rss_mb"] <= rss_goal,
+        "bequest_with_probe_time_le_1.5x_copy": ratios["bequest (probe)"]["time_vs_copy"] <= 1.5,
+        "bequest_with_probe_rss_le_2x_largest_shard_plus_300MB": med["bequest (probe)"]["peak_rss_mb"] <= rss_goal,
     }
     if "mergekit" in med:
         for n in [n for n in med if n.startswith("bequest")]:

@@ -134,12 +134,18 @@ def test_command_writes_shards_and_skips_the_probe_when_told(tmp_path, capsys):
     transformers.AutoModelForCausalLM.from_pretrained(out)  # loads as any Hugging Face folder
 
 
-def test_probe_defaults_off_for_big_sources(tmp_path, monkeypatch):
-    src = save(tmp_path / "src", trained("gpt2"))
-    monkeypatch.setattr("bequest.grow.command.PROBE_LIMIT", 1000)
-    monkeypatch.setattr("bequest.grow.command.load_model", lambda *a, **k: pytest.fail("loaded a big model"))
-    result = grow_command(GrowRecipe(src=str(src), out=str(tmp_path / "a"), layers=3))
-    assert result["max_abs_logit_change"] is None and "pass --probe" in result["probe"]["skipped"]
+@pytest.mark.parametrize("family, task", [("gpt2", ""), ("llama", ""), ("bert", ""), ("roberta", "seq_cls")])
+def test_probe_reads_modules_from_the_shards_and_agrees_with_loaded_models(tmp_path, family, task):
+    """The probe is on at every size because it never holds a model: module by module from the shards,
+    it must measure what the loaded models measure (noise makes the change non-zero)."""
+    from bequest.grow import max_abs_logit_change
+    from bequest.grow.probe import probe_ids
+
+    src = save(tmp_path / "src", trained(family, task))
+    report = grow_command(GrowRecipe(src=str(src), out=str(tmp_path / "g"), layers=3, noise=0.02, shard_size="20KB"))
+    old, new = load_model(src)[0], load_model(tmp_path / "g")[0]
+    loaded = max_abs_logit_change(old, new, probe_ids(old))
+    assert report["max_abs_logit_change"] == pytest.approx(loaded, rel=1e-4, abs=1e-6) and loaded > 1e-4
 
 
 def test_full_disk_is_refused_up_front(tmp_path, monkeypatch):

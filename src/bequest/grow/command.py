@@ -2,7 +2,8 @@
 
 It always grows sharded (grow/sharded.py): tensor by tensor from the source's shards to the output's, so a
 checkpoint bigger than RAM grows in the memory of a few of its tensors, with the in-memory path's
-results. The deviation probe needs both models in memory, so by default it runs only for small ones.
+results. The deviation probe runs both models module by module from their shards (grow/probe.py), so it
+stays within the same memory and is on at every size.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ from pydantic import Field
 
 from bequest import __version__
 from bequest.grow import sharded
-from bequest.grow.probe import max_abs_logit_change, probe_ids
+from bequest.grow.probe import probe_folders, probe_ids
 from bequest.grow.spec import GrowSpec
-from bequest.io import atomic_dir, check_disk, check_output, load_model, model_card, parse_size, save_recipe
+from bequest.io import atomic_dir, check_disk, check_output, model_card, parse_size, save_recipe
 from bequest.recipe import GrowFields, OutputFields, SizeFields
-
-PROBE_LIMIT = 2 * 10**9  # source bytes up to which the probe runs unless told (it loads both models)
 
 
 class GrowRecipe(SizeFields, GrowFields, OutputFields):
@@ -27,10 +26,9 @@ class GrowRecipe(SizeFields, GrowFields, OutputFields):
     out: str = Field(..., description="output model folder")
     seed: int = Field(0, description="seed for new random weights and noise")
     shard_size: str = Field("2GB", description="largest output shard, like 2GB, 500MB or 4GiB")
-    probe: bool | None = Field(
-        None,
-        description="measure max |Δ logits| against the source on a probe batch; it loads both models "
-        "(default: only when the source's weights are under 2 GB)",
+    probe: bool = Field(
+        True, description="measure max |Δ logits| against the source on a probe batch (module by module, in the "
+        "memory of the largest module)",
     )
 
     def spec(self) -> GrowSpec:
@@ -49,7 +47,6 @@ def grow_command(r: GrowRecipe) -> dict:
     # Planned from config.json and the tensor headers: an impossible target is refused before any
     # weights load, and so is a disk too small for the result.
     plan = sharded.plan(r.src, r.spec(), shard_size=shard_size)
-    measure = r.probe if r.probe is not None else plan.source_bytes < PROBE_LIMIT
     check_disk(r.out, plan.nbytes)
     report = {
         "width": r.width,
@@ -57,9 +54,7 @@ def grow_command(r: GrowRecipe) -> dict:
         "from": _shape(plan.anat),
         "to": _shape(plan.new_anat),
         "max_abs_logit_change": None,
-        "probe": {"skipped": "turned off by --no-probe" if r.probe is False else
-                  f"the source's {plan.source_bytes / 1e9:.1f} GB of weights are over the {PROBE_LIMIT / 1e9:g} GB "
-                  "the probe loads by default; pass --probe to measure"},
+        "probe": {"skipped": "turned off by --no-probe"},
         "weights": {"dtype": sorted({o.dtype for shard in plan.shards for o in shard}), "bytes": plan.nbytes,
                     "shards": len(plan.shards), "streamed": True},
         "seconds": {"plan": time.perf_counter() - start},
@@ -69,13 +64,12 @@ def grow_command(r: GrowRecipe) -> dict:
         start = time.perf_counter()
         sharded.write(plan, folder)
         report["seconds"]["write"] = time.perf_counter() - start
-        if measure:
-            model, _ = load_model(r.src, with_tokenizer=False)
-            grown, _ = load_model(folder, with_tokenizer=False)
-            probe = probe_ids(model)
-            report["max_abs_logit_change"] = max_abs_logit_change(model, grown, probe)
+        if r.probe:
+            start = time.perf_counter()
+            probe = probe_ids(plan.anat.config)
+            report["max_abs_logit_change"] = probe_folders(plan.src, folder, probe)
             report["probe"] = {"shape": list(probe.shape), "seed": 0, "ids": "uniform over the vocabulary"}
-            del model, grown
+            report["seconds"]["probe"] = time.perf_counter() - start
         sharded.copy_tokenizer(r.src, folder)
         lineage = {"parent": str(r.src), "operation": "grow", "recipe": r.model_dump(), "version": __version__}
         save_recipe(folder, r.model_dump())

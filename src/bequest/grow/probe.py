@@ -1,15 +1,30 @@
-"""How far a grown model's function moved: max |Δ logits| against its source on a fixed probe batch."""
+"""How far a grown model's function moved: max |Δ logits| against its source on a fixed probe batch.
+
+On saved models the probe never holds a model: each is built without weights and every module reads
+its own from the shards just before it runs and drops them right after, so the probe costs the memory
+of the largest module (in fp32), whatever the size of the checkpoint.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
+from collections import defaultdict
+from pathlib import Path
 
 import torch
 
-from bequest.anatomy import anatomy
+from bequest.anatomy import anatomy, build_model, task_of
 from bequest.errors import BequestError
+from bequest.io import TensorReader, load_config, stored_tensors, weight_files
 
 PROBE = (2, 16)  # sequences x tokens of the fixed probe batch
+
+
+def probe_folders(src: Path, grown: Path, ids: torch.Tensor) -> float:
+    """max |Δ outputs| of two saved models on `ids`, module by module from their shards."""
+    return worst_change(folder_outputs(src, ids), folder_outputs(grown, ids))
 
 
 @torch.no_grad()
@@ -21,29 +36,85 @@ def max_abs_logit_change(old, new, probe_ids: torch.Tensor) -> float:
     old.eval()
     new.eval()
     try:
-        worst = 0.0
-        for row in probe_ids.to(next(old.parameters()).device):
-            a = _outputs(old, row[None]).float()
-            b = _outputs(new, row[None]).float()[..., : a.shape[-1]]
-            change = (a - b).abs().max().item()
-            if not math.isfinite(change):  # max() would keep the old value past a NaN
-                raise BequestError("the grown model's outputs are not finite on the probe; its weights are broken "
-                                   "(a noise std too large for the checkpoint's dtype?)")
-            worst = max(worst, change)
-        return worst
+        rows = probe_ids.to(next(old.parameters()).device)
+        return worst_change([_outputs(old, r[None]).float() for r in rows], [_outputs(new, r[None]).float() for r in rows])
     finally:
         old.train(modes[0])
         new.train(modes[1])
 
 
-def probe_ids(model, seed: int = 0) -> torch.Tensor:
+def worst_change(old: list[torch.Tensor], new: list[torch.Tensor]) -> float:
+    worst = 0.0
+    for a, b in zip(old, new):
+        change = (a - b[..., : a.shape[-1]]).abs().max().item()
+        if not math.isfinite(change):  # max() would keep the old value past a NaN
+            raise BequestError("the grown model's outputs are not finite on the probe; its weights are broken "
+                               "(a noise std too large for the checkpoint's dtype?)")
+        worst = max(worst, change)
+    return worst
+
+
+def probe_ids(model_or_config, seed: int = 0) -> torch.Tensor:
     """A fixed batch of random token ids that fits the model's vocabulary and positions."""
-    anat = anatomy(model)
+    anat = anatomy(model_or_config)
     length = PROBE[1]
     if anat.positions:
         length = min(length, anat.usable_positions)
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, anat.vocab, (PROBE[0], length), generator=g)
+
+
+@torch.no_grad()
+def folder_outputs(folder: Path, ids: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of a saved model on each row of `ids` (fp32), its weights read one module at a time."""
+    from accelerate import init_empty_weights
+
+    config = load_config(folder)
+    task = task_of(config)
+    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(config, task)  # parameters on the meta device; buffers (rotary tables) real
+    model.tie_weights()  # so a tied head finds its tensor under the embedding's name
+    model.eval()
+    anat = anatomy(model, task)
+    stored = {str(slot): s for file in weight_files(Path(folder)) for name, s in stored_tensors(file).items()
+              if (slot := _slot(anat, name)) is not None}
+    aliases = defaultdict(list)  # a tied weight has two names; the checkpoint holds one of them
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases[id(p)].append(name)
+    where = {}
+    for module in model.modules():
+        for local, p in module.named_parameters(recurse=False):
+            held = [stored[s] for s in (_slot(anat, n) for n in aliases[id(p)]) if s in stored]
+            if not held:
+                raise BequestError(f"{folder}: no tensor for {aliases[id(p)][0]}; the checkpoint is incomplete")
+            where[(id(module), local)] = held[0]
+    with contextlib.ExitStack() as stack:
+        reader = TensorReader(stack)
+
+        def load(module, _args):
+            for local, _ in list(module.named_parameters(recurse=False)):
+                t = reader.tensor(where[(id(module), local)]).float()
+                module._parameters[local] = torch.nn.Parameter(t, requires_grad=False)
+
+        def drop(module, _args, _out):
+            for local, p in list(module.named_parameters(recurse=False)):
+                module._parameters[local] = torch.nn.Parameter(torch.empty(p.shape, device="meta"), requires_grad=False)
+
+        for module in model.modules():
+            if next(module.parameters(recurse=False), None) is not None:
+                module.register_forward_pre_hook(load)
+                module.register_forward_hook(drop)
+        if task == "seq_cls":  # a classifier without a pad token refuses batches
+            return [_outputs(model, row[None]).float() for row in ids]
+        return list(_outputs(model, ids).float()[:, None])  # every module's weights read once for all rows
+
+
+def _slot(anat, name: str) -> str | None:
+    try:
+        return str(anat.slots([name])[name])
+    except BequestError:  # a buffer saved with the weights
+        return None
 
 
 def _outputs(model, ids):
