@@ -8,6 +8,7 @@ of the largest module (in fp32), whatever the size of the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import warnings
 from collections import defaultdict
@@ -94,12 +95,13 @@ def folder_outputs(folder: Path, ids: torch.Tensor) -> list[torch.Tensor]:
 
         def load(module, _args):
             for local, _ in list(module.named_parameters(recurse=False)):
-                t = reader.tensor(where[(id(module), local)]).float()
+                t = reader.float32(where[(id(module), local)])
                 module._parameters[local] = torch.nn.Parameter(t, requires_grad=False)
 
         def drop(module, _args, _out):
             for local, p in list(module.named_parameters(recurse=False)):
                 module._parameters[local] = torch.nn.Parameter(torch.empty(p.shape, device="meta"), requires_grad=False)
+            _trim()
 
         for module in model.modules():
             if next(module.parameters(recurse=False), None) is not None:
@@ -108,6 +110,14 @@ def folder_outputs(folder: Path, ids: torch.Tensor) -> list[torch.Tensor]:
         if task == "seq_cls":  # a classifier without a pad token refuses batches
             return [_outputs(model, row[None]).float() for row in ids]
         return list(_outputs(model, ids).float()[:, None])  # every module's weights read once for all rows
+
+
+def _trim() -> None:
+    """Hand freed memory back to the system. glibc keeps the heap pages of freed tensors for reuse, and
+    modules of ever-changing sizes then leave the process as big as all the modules it read."""
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _slot(anat, name: str) -> str | None:

@@ -153,13 +153,28 @@ class TensorReader:
 
     def tensor(self, s: StoredTensor) -> torch.Tensor:
         buf = torch.empty(s.nbytes, dtype=torch.uint8)
+        self._read(s, buf, 0)
+        return buf.view(DTYPES[s.dtype]).reshape(s.shape)  # safetensors is little-endian, as torch on x86/ARM
+
+    def float32(self, s: StoredTensor, chunk: int = 2**24) -> torch.Tensor:
+        """`s` in fp32, converted a chunk at a time: never the stored copy and the fp32 one whole at once."""
+        out = torch.empty(s.shape, dtype=torch.float32).view(-1)
+        size = DTYPES[s.dtype].itemsize
+        buf = torch.empty(min(chunk - chunk % size, s.nbytes) or size, dtype=torch.uint8)
+        for begin in range(0, s.nbytes, len(buf)):
+            part = buf[: min(len(buf), s.nbytes - begin)]
+            self._read(s, part, begin)
+            out[begin // size : (begin + len(part)) // size] = part.view(DTYPES[s.dtype])
+        return out.view(s.shape)
+
+    def _read(self, s: StoredTensor, buf: torch.Tensor, begin: int) -> None:
+        """Bytes begin .. begin + len(buf) of `s` into `buf`."""
         view, done = memoryview(buf.numpy()), 0
-        while done < s.nbytes:
-            n = os.preadv(self._fd(s), [view[done:]], s.start + done)
+        while done < len(buf):
+            n = os.preadv(self._fd(s), [view[done:]], s.start + begin + done)
             if n == 0:
                 _changed(s)
             done += n
-        return buf.view(DTYPES[s.dtype]).reshape(s.shape)  # safetensors is little-endian, as torch on x86/ARM
 
     def prefetch(self, s: StoredTensor) -> None:
         """Ask the kernel to start reading `s` now, so the disk works while the tensor before it is copied."""
