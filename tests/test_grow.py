@@ -333,8 +333,9 @@ def test_grow_command_round_trip(tmp_path, capsys, monkeypatch):
     in_memory = grow(model, GrowSpec(hidden=48, ffn=80, layers=3)).model
     assert max_abs_logit_change(in_memory, loaded, probe()) == 0
 
-    with monkeypatch.context() as m:  # refused before any work: nothing is even loaded
-        m.setattr("bequest.grow.command.load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+    with monkeypatch.context() as m:  # refused before any work: nothing is written or read
+        m.setattr("bequest.grow.sharded.write", lambda *a, **k: pytest.fail("wrote before refusing"))
+        m.setattr("bequest.grow.command.probe_folders", lambda *a, **k: pytest.fail("probed before refusing"))
         with pytest.raises(BequestError, match="already exists"):
             grow_command(recipe)
         with pytest.raises(BequestError, match="multiple of 8"):  # judged from config.json alone

@@ -41,12 +41,13 @@ def prepare_work(out: str | Path, recipe: dict, overwrite: bool) -> Path:
     saved = work / "recipe.yaml"
     if state.is_main_process and work.exists():
         hold(work)  # refused while another run trains into the same OUT
-        if overwrite or not _progress(work):  # nothing there worth keeping (say, a run stopped by a NaN)
+        progress = _progress(work)
+        if overwrite or not progress:  # nothing there worth keeping (say, a run stopped by a NaN)
             let_go(work)
             shutil.rmtree(work)
         elif _saved_recipe(saved) != recipe:
             raise BequestError(
-                f"{work} holds an unfinished run of other settings ({_progress(work)}); rerun with the settings "
+                f"{work} holds an unfinished run of other settings ({progress}); rerun with the settings "
                 "in its recipe.yaml to resume it, or pass --overwrite to start over"
             )
     if state.is_main_process:
