@@ -42,14 +42,9 @@ GROUPS = {"study": "Grid studies of a method: hosts x types x seeds."}
 
 
 def _fail(e: Exception) -> typing.NoReturn:
-    # On a line of its own: a progress bar may have left the cursor mid-line.
-    typer.echo(f"\nerror: {e}" if _mid_line() else f"error: {e}", err=True)
+    # On a terminal a progress bar may have left the cursor mid-line: start the error on a line of its own.
+    typer.echo(f"\nerror: {e}" if sys.stderr.isatty() else f"error: {e}", err=True)
     raise typer.Exit(2)
-
-
-def _mid_line() -> bool:
-    """Whether a progress bar was drawn on the terminal (and may have left the cursor after it)."""
-    return sys.stderr.isatty()
 
 
 def _cli_type(annotation):

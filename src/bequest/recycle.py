@@ -170,8 +170,9 @@ def _full(r: RecycleRecipe, labels: int):
 def _peft(r: RecycleRecipe, labels: int):
     """(student, teacher) for PEFT modules; the teacher is the old base carrying the old module."""
     module = read_module(r.task_weights)
-    task = module.host_task(load_config(r.new_base))  # seq_cls: recycle() refused other task types
-    saved = module.num_labels(anatomy(load_config(r.new_base), task).family)
+    config = load_config(r.new_base)
+    task = module.host_task(config)  # seq_cls: recycle() refused other task types
+    saved = module.num_labels(anatomy(config, task).family)
     if saved not in (None, labels):
         raise BequestError(f"{r.task_weights} predicts {saved} labels but --data has {labels}")
     check_module_fits(module, r.new_base, labels)
