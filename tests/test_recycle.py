@@ -15,9 +15,8 @@ from bequest.io import load_tokenizer
 from bequest.io import load_model, partial_dir, read_lineage
 from bequest.peft import read_module
 from bequest.pretrain import PretrainRecipe, pretrain
-from bequest.recycle import (
-    ContinueRecipe, RecycleRecipe, continue_pretrain, delta_init, kd_trainer, recycle,
-)
+from bequest.recycle import ContinueRecipe, RecycleRecipe, continue_pretrain, recycle
+from bequest.task_weights import delta_init, kd_trainer
 from conftest import probe, tiny
 
 VOCAB = 500

@@ -34,6 +34,7 @@ VERBS = [
     (None, "recycle", "bequest.recycle", "RecycleRecipe", "recycle", ("out",)),
     (None, "analyze", "bequest.analyze", "AnalyzeRecipe", "analyze", ("kind", "out")),
     (None, "port", "bequest.port.command", "PortRecipe", "port", ("out",)),
+    (None, "upgrade", "bequest.upgrade", "UpgradeRecipe", "upgrade", ("sources", "out")),
     ("study", "port", "bequest.port.study", "StudyRecipe", "study", ()),
 ]
 # The machine's, not bequest's: a full or read-only disk is the user's to fix, so one line, not a traceback.
@@ -54,6 +55,8 @@ def _cli_type(annotation):
         return _cli_type(args[0])
     if typing.get_origin(annotation) is typing.Literal:
         return type(args[0])
+    if typing.get_origin(annotation) is list:  # a repeated option, or a positional taking several values
+        return list[str]
     return annotation if annotation in (int, float, str, bool) else str
 
 
@@ -66,7 +69,7 @@ def verb(group: typer.Typer, name: str, recipe_cls: type[BaseModel], run: Callab
     params = []
     for field, info in fields:
         kind = _cli_type(info.annotation)
-        flag = "--" + field.replace("_", "-")
+        flag = "--" + field.rstrip("_").replace("_", "-")  # from_ (a Python keyword) is --from
         if field in arguments:
             default = typer.Argument(None, help=info.description, show_default=False)
         elif kind is bool:

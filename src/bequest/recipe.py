@@ -42,6 +42,9 @@ class Recipe(BaseModel):
     def _renamed(cls, values):
         if not isinstance(values, dict):
             return values
+        for name in cls.model_fields:  # a setting named after a Python keyword (from_) is spelt `from` outside Python
+            if name.endswith("_") and name[:-1] in values:
+                values[name] = values.pop(name[:-1])
         for old, new in cls.old_names().items():
             if old in values:
                 value = values.pop(old)

@@ -16,25 +16,23 @@ The output is what fine-tuning would give: a seq_cls model folder, or a PEFT ada
 
 from __future__ import annotations
 
-import copy
-import functools
 import json
 import shutil
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 
-from bequest.anatomy import TASK_ROLES, anatomy
+from bequest.anatomy import anatomy
 from bequest.data import same_tokenizer
 from bequest.data.prepare import check_room, lm_splits, task_sets, text_splits
 from bequest.engine import curve, forward_flops_per_token, prepare_work, processes, train, train_flops_per_token
-from bequest.engine.kd import KD, KDTrainer, TeacherMeter
+from bequest.engine.kd import TeacherMeter
 from bequest.errors import BequestError
 from bequest.io import atomic_dir, check_model, check_output, load_config, load_lm, load_model, load_tokenizer, write_model
-from bequest.peft import CONFIG, attach, expected, misfits, read_module, save_tuned, with_module
+from bequest.peft import attach, read_module, save_tuned, with_module
 from bequest.recipe import CorpusFields, KDFields, OutputFields, TaskFields, TrainFields, TuningFields, defaults
+from bequest.task_weights import check_module_fits, delta_init, is_adapter, kd_trainer
 
 # What each method does: start from the old task weights (moved to the new base), and/or learn from
 # the old tuned model as a teacher.
@@ -77,57 +75,6 @@ def continue_pretrain(r: ContinueRecipe) -> dict:
     return metrics
 
 
-# ---------------------------------------------------------------- initialisation
-
-
-def _by_slot(model) -> dict[str, torch.Tensor]:
-    a = anatomy(model)
-    params = dict(model.named_parameters())
-    return {str(slot): params[name].detach() for name, slot in a.slots(params).items()}
-
-
-@torch.no_grad()
-def delta_init(old_base, new_base, tuned):
-    """A copy of `tuned` moved to the new base: theta_{i+1} + (theta_i^task - theta_i), head as tuned.
-
-    Matched by anatomy slot, so an LM base and a classifier (or BERT's prefixed names) line up.
-    """
-    old, new = _by_slot(old_base), _by_slot(new_base)
-    model = copy.deepcopy(tuned)
-    a = anatomy(model)
-    params = dict(model.named_parameters())
-    for name, slot in a.slots(params).items():
-        if slot.role in TASK_ROLES:  # never pre-trained: a delta against the base's copy would be noise
-            continue
-        key, p = str(slot), params[name]
-        for base, which in ((old, "old"), (new, "new")):
-            if key not in base:
-                raise BequestError(f"the {which} base has no {key}; recycling needs bases of the tuned model's shape")
-            if base[key].shape != p.shape:
-                raise BequestError(
-                    f"{key} is {list(base[key].shape)} in the {which} base but {list(p.shape)} in the task weights; "
-                    "recycling needs bases of the tuned model's shape"
-                )
-        # tuned + (new - old), in this order: with new == old the delta is exactly 0 and so is the change.
-        p.copy_(p + (new[key] - old[key]))
-    return model
-
-
-def is_adapter(path: str | Path) -> bool:
-    return (Path(path) / CONFIG).exists()
-
-
-def check_module_fits(module, host: str | Path, labels: int | None) -> None:
-    """Every tensor of the module has a place of its shape on `host`, before anything loads or is written."""
-    config = load_config(host)
-    _, want = expected(module.config, config, module.host_task(config), labels)
-    problems = misfits(module.tensors, want)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise BequestError(f"the {module.kind} module does not fit {host}: {problems[0]}{more}; "
-                           "recycle onto a base of the old base's shape (or `bequest port` it first)")
-
-
 # ---------------------------------------------------------------- the recipe
 
 
@@ -142,12 +89,6 @@ class RecycleRecipe(TaskFields, TuningFields, KDFields, TrainFields, OutputField
     )
     beta: float = Field(0.0, ge=0.0, description="weight of the last-hidden-state MSE towards the old tuned model")
     OLD_NAMES: ClassVar[dict[str, str]] = {"temperature": "tau"}
-
-
-def kd_trainer(teacher, r: RecycleRecipe, meter: TeacherMeter | None = None):
-    """The engine's KDTrainer with a constant alpha (alpha = beta = 0: plain cross-entropy)."""
-    kd = KD(alpha=r.alpha, schedule="constant", tau=r.tau, beta=r.beta)
-    return functools.partial(KDTrainer, teacher=teacher, kd=kd, meter=meter)
 
 
 def _full(r: RecycleRecipe, labels: int):

@@ -3,10 +3,11 @@
 from bequest.engine.data import collator, fixed_masks, labelled, lm_blocks
 from bequest.engine.flops import forward_flops_per_token, matmul_params, train_flops_per_token
 from bequest.engine.replay import Memory, memory_share, replay_order
-from bequest.engine.train import TrainFields, curve, prepare_work, processes, train
+from bequest.engine.train import TrainFields, accuracy, curve, prepare_work, processes, train
 
 __all__ = [
     "Memory",
+    "accuracy",
     "TrainFields",
     "collator",
     "curve",

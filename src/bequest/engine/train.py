@@ -224,3 +224,18 @@ def curve(work: Path) -> list[tuple[int, float]]:
     """(step, eval accuracy) of a run, read back from its metrics.jsonl."""
     rows = [json.loads(line) for line in (Path(work) / "metrics.jsonl").read_text().splitlines()]
     return sorted({r["step"]: r["eval_accuracy"] for r in rows if "eval_accuracy" in r}.items())
+
+
+@torch.no_grad()
+def accuracy(model, tokenizer, dataset, batch_size: int = 32) -> float:
+    """Share of `dataset` (labelled examples, as `engine.data.labelled` makes them) a classifier gets right."""
+    collate = collator("seq_cls", tokenizer)
+    training = model.training
+    model.eval()
+    hits = 0
+    for start in range(0, len(dataset), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        labels = batch.pop("labels")
+        hits += int((model(**batch).logits.argmax(-1) == labels).sum())
+    model.train(training)
+    return hits / max(1, len(dataset))
