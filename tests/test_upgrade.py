@@ -34,6 +34,8 @@ def zoo(tmp_path_factory):
     base = dict(family="gpt2", heads=2, vocab=VOCAB, domain="text", eval_every=8, **SMALL)
     pretrain(PretrainRecipe(out=str(root / "old"), layers=1, hidden=32, steps=8, **base))
     pretrain(PretrainRecipe(out=str(root / "independent"), layers=2, hidden=48, steps=8, seed=1, **base))
+    pretrain(PretrainRecipe(out=str(root / "other-vocab"), layers=1, hidden=32, steps=2, seed=1,
+                            **{**base, "vocab": 400}))
     continue_pretrain(ContinueRecipe(model=str(root / "old"), out=str(root / "continued"), domain="data", steps=4,
                                      eval_every=4, **SMALL))
     grow_command(GrowRecipe(src=str(root / "old"), out=str(root / "grown"), hidden=48, heads=3, ffn=160))
@@ -150,3 +152,28 @@ def test_a_path_the_relation_does_not_allow_fails_that_source_with_the_fix(tmp_p
         _run(zoo, tmp_path / "out", "grown", [zoo / "lora"], method="reuse")
     row = json.loads((tmp_path / "out" / "summary.json").read_text())["sources"][0]
     assert row["status"] == "failed" and "--method port or transfer" in row["reason"]
+
+
+# ---------------------------------------------------------------- another tokenizer
+
+
+def test_distillation_alone_crosses_tokenizers(tmp_path, zoo):
+    """A successor with its own vocabulary learns from OLD+SOURCE, which reads the text with OLD's tokenizer."""
+    from bequest.io import load_tokenizer
+    from bequest.upgrade.teacher import Retokenized
+
+    old_tok, new_tok = load_tokenizer(zoo / "old"), load_tokenizer(zoo / "other-vocab")
+    assert len(old_tok) != len(new_tok)
+    teacher = load_model(zoo / "full")[0].eval()
+    text = ["def parse(self, path): return open(path).read()", "a short line"]
+    own = old_tok(text, padding=True, return_tensors="pt")
+    theirs = new_tok(text, padding=True, return_tensors="pt")
+    expected = teacher(**own).logits
+    got = Retokenized(teacher, new_tok, old_tok, 64)(**theirs).logits
+    assert torch.allclose(got, expected, atol=1e-6)
+
+    rows = _run(zoo, tmp_path / "out", "other-vocab", [zoo / "lora", zoo / "full"], method="distill", steps=2,
+                eval_every=1, train_examples=16, batch_size=4)
+    assert [r["path"] for r in rows] == ["distill", "distill"] and all(len(r["curve"]) == 3 for r in rows)
+    kd = [json.loads(x) for x in (tmp_path / "out" / "lora" / "metrics.jsonl").read_text().splitlines()]
+    assert any("kd_kl" in row for row in kd)
