@@ -69,6 +69,8 @@ def verb(group: typer.Typer, name: str, recipe_cls: type[BaseModel], run: Callab
         flag = "--" + field.replace("_", "-")
         if field in arguments:
             default = typer.Argument(None, help=info.description, show_default=False)
+            if typing.get_origin(info.annotation) is list:  # DIR...: every remaining word
+                kind = list[str]
         elif kind is bool:
             default = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=info.description, show_default=False)
         else:
@@ -94,6 +96,8 @@ def verb(group: typer.Typer, name: str, recipe_cls: type[BaseModel], run: Callab
     )
 
     def command(**kwargs):
+        # A list argument given no words is not given (the recipe file may hold it).
+        kwargs = {k: None if v in ((), []) else v for k, v in kwargs.items()}
         try:
             run(resolve(recipe_cls, kwargs.pop("recipe"), **kwargs))
         except BequestError as e:
