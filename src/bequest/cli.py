@@ -34,6 +34,7 @@ VERBS = [
     (None, "recycle", "bequest.recycle", "RecycleRecipe", "recycle", ("out",)),
     (None, "analyze", "bequest.analyze", "AnalyzeRecipe", "analyze", ("kind", "out")),
     (None, "port", "bequest.port.command", "PortRecipe", "port", ("out",)),
+    (None, "lineage", "bequest.lineage.command", "LineageRecipe", "lineage", ("dirs",)),
     ("study", "port", "bequest.port.study", "StudyRecipe", "study", ()),
 ]
 # The machine's, not bequest's: a full or read-only disk is the user's to fix, so one line, not a traceback.
