@@ -35,6 +35,7 @@ VERBS = [
     (None, "analyze", "bequest.analyze", "AnalyzeRecipe", "analyze", ("kind", "out")),
     (None, "port", "bequest.port.command", "PortRecipe", "port", ("out",)),
     (None, "upgrade", "bequest.upgrade", "UpgradeRecipe", "upgrade", ("sources", "out")),
+    (None, "lineage", "bequest.lineage.command", "LineageRecipe", "lineage", ("dirs",)),
     ("study", "port", "bequest.port.study", "StudyRecipe", "study", ()),
 ]
 # The machine's, not bequest's: a full or read-only disk is the user's to fix, so one line, not a traceback.
@@ -97,6 +98,8 @@ def verb(group: typer.Typer, name: str, recipe_cls: type[BaseModel], run: Callab
     )
 
     def command(**kwargs):
+        # A list argument given no words is not given (the recipe file may hold it).
+        kwargs = {k: None if v in ((), []) else v for k, v in kwargs.items()}
         try:
             run(resolve(recipe_cls, kwargs.pop("recipe"), **kwargs))
         except BequestError as e:

@@ -1,0 +1,129 @@
+"""One folder of a family, read from what bequest, transformers and peft leave on disk: the model card's
+lineage block, `growth.json`, `port.json`, `recipe.yaml`, `adapter_config.json` and `config.json`.
+Nothing is loaded but small text files; no weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from bequest.anatomy import anatomy
+from bequest.errors import BequestError
+from bequest.io import load_config, read_lineage
+
+MODEL, ADAPTER = "config.json", "adapter_config.json"
+# Operations that tune a model for tasks rather than make a new base (and recycle-*). `bequest upgrade`
+# moves fine-tunes and adapters onto a new base: what it writes is one of them too.
+TUNING = ("finetune", "learn", "upgrade")
+
+
+@dataclass
+class Node:
+    path: Path  # resolved: one folder, one node, however its children spelled it
+    kind: str  # "model" (a base), "fine-tune" (a tuned model), "adapter" (a PEFT module)
+    operation: str | None  # what made it; None: no record (a plain transformers or peft folder)
+    recorded: str | None  # the parent (for an adapter: its host) as the record spells it
+    parent: Path | None  # that parent resolved; None with `recorded` set: the parent folder is gone
+    source: Path | None = None  # the module or fine-tune a ported or recycled one was carried from
+    shape: dict | None = None  # family, task and sizes (models and fine-tunes)
+    peft_type: str | None = None  # adapters
+    maps: dict | None = None  # growth.json's index maps (grown models)
+    problem: str | None = None  # why part of the folder could not be read
+
+    @property
+    def missing(self) -> bool:
+        return self.recorded is not None and self.parent is None
+
+
+def is_node(folder: Path) -> bool:
+    return (folder / ADAPTER).is_file() or (folder / MODEL).is_file()
+
+
+def resolve(recorded: str, child: Path) -> Path | None:
+    """A parent as recorded: absolute, or relative to where the command ran (the current folder, then,
+    failing that, the child's parent folder and the folders above it). None when none of these exists."""
+    tries = [Path(recorded), child.parent / recorded, *(up / recorded for up in child.parent.parents)]
+    for p in tries:
+        if is_node(p):
+            return p.resolve()
+    return None
+
+
+def read_node(folder: str | Path) -> Node:
+    folder = Path(folder)
+    if not is_node(folder):
+        raise BequestError(f"{folder}: neither {MODEL} nor {ADAPTER}; give a model, fine-tune or adapter folder")
+    path = folder.resolve()
+    try:
+        card = read_lineage(path)
+    except (UnicodeDecodeError, AttributeError):  # a README that is not text, or front matter that is no mapping
+        card = None
+    card = card if isinstance(card, dict) else {}
+    recipe = _read(path / "recipe.yaml", yaml.safe_load)
+    port = _read(path / "port.json", json.loads)
+    if (path / ADAPTER).is_file():
+        node = _adapter(path, card, recipe, port)
+    else:
+        node = _model(path, card)
+    source = card.get("source") or port.get("source") or recipe.get("task_weights")
+    if isinstance(source, str) and source:
+        node.source = resolve(source, path)
+    if node.recorded is not None:
+        node.parent = resolve(node.recorded, path)
+    return node
+
+
+def _adapter(path: Path, card: dict, recipe: dict, port: dict) -> Node:
+    config = _read(path / ADAPTER, json.loads)
+    operation = card.get("operation") or (
+        "port" if port else f"recycle-{recipe['method']}" if "task_weights" in recipe and "method" in recipe
+        else "finetune" if recipe.get("peft") else None
+    )
+    host = card.get("parent") or port.get("host") or config.get("base_model_name_or_path")
+    problem = None if config else f"{ADAPTER} is not a JSON mapping"
+    return Node(path, "adapter", operation, _text(host), None, peft_type=config.get("peft_type"), problem=problem)
+
+
+def _model(path: Path, card: dict) -> Node:
+    operation = card.get("operation")
+    node = Node(path, "model", operation, _text(card.get("parent")), None)
+    try:
+        a = anatomy(load_config(path))
+        node.shape = {"family": a.family.name, "task": a.task, "layers": a.layers, "hidden": a.hidden,
+                      "heads": a.heads, "kv_heads": a.kv_heads, "head_dim": a.head_dim, "ffn": a.ffn, "vocab": a.vocab}
+    except BequestError as e:  # one unreadable folder should not hide the rest of the family
+        node.problem = str(e)
+    tuned = operation in TUNING or (operation or "").startswith("recycle-")
+    if tuned or (node.shape or {}).get("task") == "seq_cls":
+        node.kind = "fine-tune"
+    if (path / "growth.json").is_file():
+        growth = _read(path / "growth.json", json.loads)
+        node.maps = growth.get("maps") or None
+        node.operation = operation or "grow"
+        if node.maps is None:
+            node.problem = node.problem or "growth.json holds no index maps"
+    return node
+
+
+def _read(file: Path, parse) -> dict:
+    """A small record file as a mapping; {} when absent or unreadable (lineage reports, it does not refuse)."""
+    try:
+        data = parse(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _text(value) -> str | None:
+    return str(value) if value else None
+
+
+def describe(shape: dict | None) -> str:
+    """'gpt2 2x32 (4 heads, ffn 64)': what a model's shape looks like in text."""
+    if not shape:
+        return "shape unknown"
+    kv = f", {shape['kv_heads']} KV heads" if shape["kv_heads"] != shape["heads"] else ""
+    return f"{shape['family']} {shape['layers']}x{shape['hidden']} ({shape['heads']} heads{kv}, ffn {shape['ffn']})"
