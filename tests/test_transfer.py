@@ -21,7 +21,7 @@ from conftest import GQA, probe, tiny
 
 EXACT = 1e-4  # max |logits| apart; a transposed map or a swapped block moves them by ~1
 WORDS = [f"w{i}" for i in range(120)]
-FAMILIES = ["gpt2", "llama", "bert"]
+FAMILIES = ["gpt2", "llama", "bert", "roberta"]  # roberta: a classifier with its own dense layer
 BIG = {"hidden": 64, "heads": 8, "ffn": 128, "layers": 4}  # twice as wide and deep as tiny's 2 x 32
 
 
@@ -283,3 +283,26 @@ def test_a_module_trained_on_another_model_is_refused():
     _, module = tuned_module(trained("gpt2", hidden=48, heads=6), "lora")
     with pytest.raises(BequestError, match="does not fit OLD"):
         transfer_module(module, alignment, new.config)
+
+
+# ---------------------------------------------------------------- across families
+
+
+def test_modules_cross_families_of_one_layout_and_full_fine_tunes_cross_any():
+    tok = word_tokenizer(WORDS)
+    llama, qwen = trained("llama"), trained("qwen2", seed=3, **BIG)
+    alignment = measure(llama, qwen, tok, tok, texts(), max_tokens=1024)
+    _, module = tuned_module(llama, "lora")
+    moved, _ = transfer_module(module, alignment, qwen.config)
+    assert misfits(moved.tensors, expected(moved.config, qwen.config, "seq_cls", 3)[1]) == []
+    gpt2 = trained("gpt2", seed=3, **BIG)
+    alignment = measure(llama, gpt2, tok, tok, texts(), max_tokens=1024)
+    with pytest.raises(BequestError, match="from llama to gpt2.*--method distill"):
+        transfer_module(module, alignment, gpt2.config)
+    tuned = copy.deepcopy(llama)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model, report = transfer_full(tuned, llama, gpt2, alignment)
+    assert type(model) is type(gpt2) and torch.isfinite(model(input_ids=probe()).logits).all()
+    assert "layer.0.mlp.gate.weight" in report["tensors"]["skipped_tensors"]  # GPT-2 has no gate to carry it

@@ -45,6 +45,12 @@ class Pair:
             self.sy += y.sum(0)
         self.n += len(x)
 
+    def cpu(self) -> Pair:
+        """Its statistics on the CPU, beside the module tensors they will carry."""
+        for name in ("xx", "yy", "xy", "sx", "sy"):
+            setattr(self, name, getattr(self, name).cpu())
+        return self
+
     @property
     def widths(self) -> tuple[int, int]:
         return self.xy.shape

@@ -43,6 +43,7 @@ def measure(old_model, new_model, old_tokenizer, new_tokenizer, texts: list[str]
         pairs = _pairs(models, anat, batches, layers, ridge)
         embed = pairs[(None, "embed")] = Pair(ridge)
         embed.add(*(m.get_input_embeddings().weight[v.to(m.device)] for m, v in zip(models, vocab)))
+    pairs = {key: pair.cpu() for key, pair in pairs.items()}
     return Alignment(copy.deepcopy(old_model.config), copy.deepcopy(new_model.config), layers, score, pairs, vocab,
                      ids[0].numel(), time.perf_counter() - start)
 
