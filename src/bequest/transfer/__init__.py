@@ -1,5 +1,5 @@
 """Transfer: task weights of OLD carried onto an unrelated NEW model of any shape (docs/methods.md,
-section 8; LoRASuite, Cross-LoRA in ../shared/METHODS.md section 7).
+section 8; in the spirit of LoRASuite and Cross-LoRA, for every PEFT kind and full fine-tunes).
 
 NEW shares no growth maps with OLD, so its spaces are mapped from what both can be measured on: the
 same token strings (`pairs`), blocks matched by CKA and linear maps fitted between paired activations

@@ -27,7 +27,9 @@ ROWS = {"embed.token": "vocab", "lm_head": "vocab", "embed.position": "index", "
 
 
 def transfer_full(tuned, old_base, new_base, alignment: Alignment) -> tuple[torch.nn.Module, dict]:
-    """(NEW with `tuned`'s head and its task delta carried over, the report)."""
+    """(NEW with `tuned`'s head and its task delta carried over, the report). `new_base` is NEW as it
+    will be used: its body, or the whole LM when the fine-tune tunes a pre-trained LM head (a head NEW
+    is given without is built fresh, and counted as such)."""
     start = time.perf_counter()
     task = anatomy(tuned).task
     tuned_s, old_s, new_s = (to_roles(dict(m.named_parameters()), anatomy(m)) for m in (tuned, old_base, new_base))

@@ -29,12 +29,12 @@ def measure(old_model, new_model, old_tokenizer, new_tokenizer, texts: list[str]
     them, any head; only their base bodies run)."""
     start = time.perf_counter()
     anat = anatomy(old_model), anatomy(new_model)
-    vocab = shared_vocabulary(old_tokenizer, new_tokenizer)
+    models = (old_model, new_model)
+    vocab = shared_vocabulary(old_tokenizer, new_tokenizer, tuple(len(m.get_input_embeddings().weight) for m in models))
     room = [a.usable_positions for a in anat if a.usable_positions]
     ids = paired_blocks(texts, old_tokenizer, vocab, seq_len=min([seq_len, *room]), max_tokens=max_tokens,
                         least=max(a.hidden for a in anat))
     batches = list(zip(ids[0].split(batch_size), ids[1].split(batch_size)))
-    models = (old_model, new_model)
     with ExitStack() as stack, torch.no_grad():
         for model in models:
             stack.enter_context(_measuring(model))

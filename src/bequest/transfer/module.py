@@ -5,7 +5,7 @@ same projection of the OLD block j takes after, each axis carried by the site it
 scales (the kind's `axes`); a prefix's keys and values through that block's k and v maps; prompt
 vectors through the embedding map; a saved head through the final (or pooled) map. When k NEW blocks
 take after one OLD block, each gets 1/k of its additive effect (what writes is divided by k, a scaling
-vector becomes its k-th root); prefixes, which add nothing, are repeated.
+vector becomes its k-th root); prefixes, which add keys and values rather than a change, are repeated.
 """
 
 from __future__ import annotations

@@ -14,10 +14,11 @@ from bequest.errors import BequestError
 DISTILL = "use --method distill, which learns from OLD's outputs on the task data instead"
 
 
-def shared_vocabulary(old_tokenizer, new_tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(OLD ids, NEW ids) of every token string both vocabularies hold, in OLD's id order."""
+def shared_vocabulary(old_tokenizer, new_tokenizer, rows: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(OLD ids, NEW ids) of every token string both vocabularies hold and both embedding tables have a
+    row for (`rows`: their sizes; a tokenizer may know tokens its model does not), in OLD's id order."""
     old, new = old_tokenizer.get_vocab(), new_tokenizer.get_vocab()
-    pairs = sorted((i, new[s]) for s, i in old.items() if s in new)
+    pairs = sorted((i, new[s]) for s, i in old.items() if s in new and i < rows[0] and new[s] < rows[1])
     if not pairs:
         raise BequestError(f"OLD and NEW share no vocabulary, so there is nothing to measure both on; {DISTILL}")
     ids = torch.tensor(pairs)
