@@ -123,9 +123,10 @@ class Bottleneck(Kind):
         return BottleneckConfig(size=s.bottleneck, style=s.style, task_type=task_type, modules_to_save=heads).model_dump()
 
     def axes(self, what, shape, out, inp):
-        # Whatever linear it follows, an adapter reads and writes the residual stream.
-        return {"adapter.down.weight": [None, (("hidden",), READ)], "adapter.down.bias": [None],
-                "adapter.up.weight": [(("hidden",), WRITE), None], "adapter.up.bias": [(("hidden",), WRITE)]}[what]
+        # An adapter reads and writes what its writer outputs (for attn.o and mlp.down: the residual
+        # stream); its own units are its own.
+        return {"adapter.down.weight": [None, (out, READ)], "adapter.down.bias": [None],
+                "adapter.up.weight": [(out, WRITE), None], "adapter.up.bias": [(out, WRITE)]}[what]
 
     def fresh(self, what, shape, gen):
         return uniform_fan_in(shape, gen) if what == "adapter.down.weight" else torch.zeros(shape)

@@ -47,6 +47,9 @@ class Kind:
     takes_positions: bool = False  # puts virtual tokens before the text (they take sequence positions)
     tensors: tuple[str, ...] = ()  # names of its tensors on a host module (lora_A.weight: ...)
     query_rows: tuple[str, ...] = ()  # of those, the ones writing queries into fused qkv outputs
+    # Its prompt_embeddings are every block's keys and values for its virtual tokens,
+    # [tokens, layers x (key, value) x KV heads x head_dim] (prefix tuning), not input embeddings.
+    virtual_kv: bool = False
 
     # ------------------------------------------------------------ a fresh module
 

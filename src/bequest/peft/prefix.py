@@ -13,6 +13,7 @@ from bequest.peft.kind import PromptLearning, as_dict
 
 class Prefix(PromptLearning):
     name, peft_type, order = "prefix", "PREFIX_TUNING", 2
+    virtual_kv = True
 
     def config(self, fam, task_type, s):
         from peft import PrefixTuningConfig
