@@ -100,6 +100,20 @@ def test_grown_successor_computes_what_old_computed_for_every_kind(tmp_path, zoo
         assert row["acc_step0"] == pytest.approx(row["acc_old"])
 
 
+# ---------------------------------------------------------------- an unrelated successor of another shape
+
+
+def test_unrelated_successor_takes_every_kind_through_measured_maps(tmp_path, zoo):
+    sources = [zoo / k for k in [*KINDS, "full"]]
+    rows = _run(zoo, tmp_path / "out", "independent", sources)
+    ids = probe(vocab=VOCAB, length=12)
+    for source, row in zip(sources, rows):
+        assert row["path"] == "transfer" and row["relation"] == "unrelated", row
+        assert row["details"]["mode"] == "transferred" and len(row["details"]["layers"]) == 2
+        assert 0.0 <= row["acc_step0"] <= 1.0 and row["acc_old"] is not None
+        assert torch.isfinite(_logits(zoo / "independent", tmp_path / "out" / source.name, ids)).all()
+
+
 # ---------------------------------------------------------------- a continued successor, by the command line
 
 
