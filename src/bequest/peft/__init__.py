@@ -125,7 +125,8 @@ def new_config(kind: str, model, settings=None, **overrides) -> dict:
 def with_module(model, config: dict, *, trainable: bool = True):
     """`model` carrying a freshly initialised module of `config` (peft's PeftModel, or the host itself
     with bequest's own kinds hooked in). Seed the global RNG first for a reproducible init."""
-    config = {k: v for k, v in config.items() if k not in ("peft_version", "auto_mapping")}
+    # A copy: peft extends the lists it is given (modules_to_save) in place, and the caller's module keeps its own.
+    config = copy.deepcopy({k: v for k, v in config.items() if k not in ("peft_version", "auto_mapping")})
     return BY_TYPE[config["peft_type"]].wrap(model, {**config, "inference_mode": not trainable}, trainable)
 
 

@@ -101,7 +101,12 @@ class Kind:
         cfg = (getattr(model, "peft_config", None) or {}).get("default")
         if cfg is None or cfg.peft_type != self.peft_type:
             return None
-        return as_dict({**cfg.to_dict(), "inference_mode": True})
+        config = as_dict({**cfg.to_dict(), "inference_mode": True})
+        if config.get("modules_to_save"):
+            # peft adds its classifier names to the list each time a SEQ_CLS module is wrapped, even when
+            # they are there: read back once each, a module ported and recycled keeps the list it had.
+            config["modules_to_save"] = list(dict.fromkeys(config["modules_to_save"]))
+        return config
 
     def state(self, model) -> dict[str, torch.Tensor]:
         """The carried module's tensors, as they are saved."""
