@@ -43,6 +43,7 @@ class Kind:
     name: str  # bequest's name: --peft, study types, tables
     peft_type: str  # adapter_config.json's peft_type
     order: int  # place in listings (study grids and tables)
+    library: str = "peft"  # what loads its folders (a model card's library_name)
     host_fields: tuple[str, ...] = ()  # config fields the host's shape fills in
     takes_positions: bool = False  # puts virtual tokens before the text (they take sequence positions)
     tensors: tuple[str, ...] = ()  # names of its tensors on a host module (lora_A.weight: ...)
