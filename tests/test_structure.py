@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from bequest import cli
@@ -94,6 +95,20 @@ def test_help_offers_only_settings_the_verb_reads():
     families = _row(_help(["lifelong"]), "--family")
     assert "gpt2, llama, mistral, qwen2" in families and "bert" not in families
     assert "--save-every" not in _help(["study", "port"])  # its runs restart, they never checkpoint
+
+
+def test_list_settings_read_their_short_forms_from_the_command_line():
+    """A list option given once reaches a recipe that parses text as that text: 'lora,ia3', not ['lora,ia3']."""
+    from bequest.inherit import InheritRecipe
+
+    seen = {}
+    app = typer.Typer()
+    cli.verb(app, "inherit", InheritRecipe, lambda r: seen.update(r=r))
+    result = CliRunner().invoke(app, ["out", "--teacher", "t", "--generations", "2x64,3x96"])
+    assert result.exit_code == 0, result.output
+    assert [(g.layers, g.hidden) for g in seen["r"].generations] == [(2, 64), (3, 96)]
+    result = CliRunner().invoke(cli.build(), ["study", "port", "--out", "o", "--types", "lora,ia3", "--seeds", "1,2"])
+    assert result.output == "error: options: pairs: Field required; fix that value\n", result.output
 
 
 def test_growth_operators_are_registered_once_and_offered_by_every_verb_that_grows():

@@ -129,9 +129,16 @@ def verb(group: typer.Typer, name: str, recipe_cls: type[BaseModel], run: Callab
         )
     )
 
+    # Settings the recipe reads from text itself ('lora,ia3', '4x128,8x256', YAML): a list option given
+    # once reaches it as the word given, as a recipe file's string does.
+    from_text = {f for v in recipe_cls.__pydantic_decorators__.field_validators.values() if v.info.mode == "before"
+                 for f in v.info.fields}
+
     def command(**kwargs):
         # A list argument given no words is not given (the recipe file may hold it).
         kwargs = {k: None if v in ((), []) else v for k, v in kwargs.items()}
+        kwargs.update({k: kwargs[k][0] for k in from_text & kwargs.keys()
+                       if isinstance(kwargs[k], list) and len(kwargs[k]) == 1})
         try:
             run(resolve(recipe_cls, kwargs.pop("recipe"), **kwargs))
         except BequestError as e:
