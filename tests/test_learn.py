@@ -23,7 +23,7 @@ from bequest.engine import TrainFields, labelled, train
 from bequest.engine.migu import MIGU, MIGUTrainer, keep_top
 from bequest.engine.replay import Memory
 from bequest.errors import BequestError
-from bequest.io import load_model, save_model
+from bequest.io import load_model, read_lineage, save_model
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -444,9 +444,16 @@ def test_learn_families_lora_and_generation(tmp_path, tiny_models, family, extra
     assert r.exit_code == 0, r.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["average_accuracy"] <= 1.0 and metrics["forgetting"] is not None
-    if "--lora" in extra:
+    model = load_model(out)[0]  # the merged model is a plain, loadable folder
+    if "--lora" in extra:  # the adapter folder has its card, and the union head's classes for its host
         assert (out / "adapter" / "adapter_config.json").exists()
-    load_model(out)  # the merged model is a plain, loadable folder
+        assert read_lineage(out / "adapter")["operation"] == "learn"
+        assert "library_name: peft" in (out / "adapter" / "README.md").read_text()
+        head = "generate" not in extra
+        assert (out / "adapter" / "labels.json").exists() == head
+        if head:
+            names = json.loads((out / "adapter" / "labels.json").read_text())["names"]
+            assert dict(enumerate(names)) == model.config.id2label and names[0].startswith("kind:")
 
 
 @pytest.mark.parametrize("args,expected", [

@@ -185,7 +185,7 @@ def test_cli_refuses_bad_settings_in_one_line(tmp_path):
     bad = CliRunner().invoke(app, ["lifelong", str(tmp_path / "x"), "--domains", "text,text"])
     assert bad.exit_code == 2 and "distinct" in bad.output, bad.output
     bad = CliRunner().invoke(app, ["lifelong", str(tmp_path / "x"), "--family", "bert", "--domains", "text"])
-    assert bad.exit_code == 2 and "causal" in bad.output, bad.output
+    assert bad.exit_code == 2 and "'qwen2', not 'bert'" in bad.output, bad.output  # the causal families
     bad = CliRunner().invoke(app, ["lifelong", str(tmp_path / "x"), "--width", "nope", "--domains", "text,data",
                                    "--vocab", "500", "--hidden", "32", "--heads", "2"])
     assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "width" in bad.output, bad.output

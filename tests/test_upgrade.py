@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from bequest.data.tasks import load_task
 from bequest.finetune import FinetuneRecipe, finetune
 from bequest.grow.command import GrowRecipe, grow_command
 from bequest.io import load_model, read_lineage
@@ -98,6 +99,13 @@ def test_grown_successor_computes_what_old_computed_for_every_kind(tmp_path, zoo
         after = _logits(zoo / to, tmp_path / "out" / source.name, ids)
         assert (before - after).abs().max() <= EXACT, source.name
         assert row["acc_step0"] == pytest.approx(row["acc_old"])
+    # Every landed folder carries its card (the source and path it took) and says its classes by name.
+    names = load_task("kind", "train").features["label"].names
+    for source in sources:
+        lineage = read_lineage(tmp_path / "out" / source.name)
+        assert (lineage["source"], lineage["path"], lineage["parent"]) == (str(source), "port", str(zoo / to))
+    assert read_module(tmp_path / "out" / "lora").labels == names
+    assert load_model(tmp_path / "out" / "full")[0].config.id2label == dict(enumerate(names))
 
 
 # ---------------------------------------------------------------- an unrelated successor of another shape

@@ -6,6 +6,7 @@ YAML keys and the flags are the same names and carry the same help text. User er
 
 from __future__ import annotations
 
+import copy
 import errno
 import importlib
 import inspect
@@ -61,6 +62,42 @@ def _cli_type(annotation):
     return annotation if annotation in (int, float, str, bool) else str
 
 
+def _help(info, flag: str) -> str:
+    """A setting's help: its description, its choices and its default (unless the description tells it)."""
+    text = info.description or ""
+    if typing.get_origin(info.annotation) is typing.Literal:
+        text += " — one of: " + ", ".join(map(str, typing.get_args(info.annotation)))
+    value = info.get_default(call_default_factory=True)
+    if info.is_required() or "(default" in text or value in (None, [], {}):
+        return text
+    if isinstance(value, bool):
+        value = flag if value else f"--no-{flag[2:]}"
+    elif isinstance(value, list):
+        value = ",".join(map(str, value))
+    return text + f" (default: {value})"
+
+
+class _Verb(typer.core.TyperCommand):
+    """A verb's command. Its help marks the settings its recipe requires; the parser leaves them to the
+    recipe, which reports a missing one in one line, because a --recipe file may hold them."""
+
+    required: frozenset[str] = frozenset()
+
+    def format_help(self, ctx, formatter):
+        params = self.params
+        self.params = [_marked(p) if p.name in self.required else p for p in params]
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self.params = params
+
+
+def _marked(param):
+    param = copy.copy(param)
+    param.required = True
+    return param
+
+
 def verb(group: typer.Typer, name: str, recipe_cls: type[BaseModel], run: Callable,
          arguments: tuple[str, ...] = ("out",)):
     """Register `bequest NAME` (or `bequest GROUP NAME`): positional `arguments`, an option per other
@@ -72,16 +109,11 @@ def verb(group: typer.Typer, name: str, recipe_cls: type[BaseModel], run: Callab
         kind = _cli_type(info.annotation)
         flag = "--" + field.rstrip("_").replace("_", "-")  # from_ (a Python keyword) is --from
         if field in arguments:
-            default = typer.Argument(None, help=info.description, show_default=False)
+            default = typer.Argument(None, metavar=field.upper(), help=_help(info, flag), show_default=False)
         elif kind is bool:
-            default = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=info.description, show_default=False)
+            default = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=_help(info, flag), show_default=False)
         else:
-            help_text = info.description or ""
-            if typing.get_origin(info.annotation) is typing.Literal:
-                help_text += " — one of: " + ", ".join(map(str, typing.get_args(info.annotation)))
-            if info.default is not None and not info.is_required():
-                help_text += f" (default: {info.default})"
-            default = typer.Option(None, flag, help=help_text, show_default=False)
+            default = typer.Option(None, flag, help=_help(info, flag), show_default=False)
         params.append(inspect.Parameter(field, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind | None))
     old_names = getattr(recipe_cls, "old_names", dict)()
     for old, new in old_names.items():  # renamed flags keep their old spelling for a release, unlisted
@@ -97,9 +129,16 @@ def verb(group: typer.Typer, name: str, recipe_cls: type[BaseModel], run: Callab
         )
     )
 
+    # Settings the recipe reads from text itself ('lora,ia3', '4x128,8x256', YAML): a list option given
+    # once reaches it as the word given, as a recipe file's string does.
+    from_text = {f for v in recipe_cls.__pydantic_decorators__.field_validators.values() if v.info.mode == "before"
+                 for f in v.info.fields}
+
     def command(**kwargs):
         # A list argument given no words is not given (the recipe file may hold it).
         kwargs = {k: None if v in ((), []) else v for k, v in kwargs.items()}
+        kwargs.update({k: kwargs[k][0] for k in from_text & kwargs.keys()
+                       if isinstance(kwargs[k], list) and len(kwargs[k]) == 1})
         try:
             run(resolve(recipe_cls, kwargs.pop("recipe"), **kwargs))
         except BequestError as e:
@@ -111,7 +150,8 @@ def verb(group: typer.Typer, name: str, recipe_cls: type[BaseModel], run: Callab
 
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = run.__doc__
-    group.command(name)(command)
+    required = frozenset(f for f, info in recipe_cls.model_fields.items() if info.is_required())
+    group.command(name, cls=type("Verb", (_Verb,), {"required": required}))(command)
 
 
 def info(model: Path = typer.Argument(..., help="a model folder")):

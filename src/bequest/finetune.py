@@ -12,7 +12,7 @@ import json
 import torch
 from pydantic import Field
 
-from bequest.anatomy import anatomy
+from bequest.anatomy import anatomy, name_labels
 from bequest.data.prepare import check_room, task_sets
 from bequest.engine import prepare_work, processes, train, train_flops_per_token
 from bequest.io import atomic_dir, check_output, load_config, load_model, load_tokenizer
@@ -34,6 +34,7 @@ def finetune(r: FinetuneRecipe, *, progress: bool = True) -> dict:
     check_room(anatomy(load_config(r.model)), r.max_len + virtual, "--max-len (with virtual tokens)", r.model)
     train_set, eval_set, labels = task_sets(r, load_tokenizer(r.model, required="fine-tuning"))
     model, tokenizer = load_model(r.model, "seq_cls", num_labels=labels, seed=r.seed)
+    name_labels(model.config, train_set.features["label"].names)
     if r.peft:
         torch.manual_seed(r.seed)
         model = with_module(model, new_config(r.peft, model, r))

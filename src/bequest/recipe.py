@@ -68,6 +68,19 @@ def defaults(**values):
     return apply
 
 
+def without(*names):
+    """Class decorator: settings of a field group this recipe has no use for, left out (no flag, no
+    YAML key: a recipe that gives one is refused, as any unknown setting is)."""
+
+    def apply(cls):
+        for name in names:
+            del cls.__pydantic_fields__[name]
+        cls.model_rebuild(force=True)
+        return cls
+
+    return apply
+
+
 # ---------------------------------------------------------------- field groups
 
 
@@ -89,13 +102,14 @@ class OutputFields(Recipe):
     overwrite: bool = Field(False, description="replace an existing output folder")
 
 
-def _families() -> tuple[str, ...]:
+def _families(task: str | None = None) -> tuple[str, ...]:
     from bequest.anatomy import FAMILIES
 
-    return tuple(FAMILIES)
+    return tuple(name for name, fam in FAMILIES.items() if task is None or task in fam.tasks)
 
 
 Family = Literal[_families()]
+CausalFamily = Literal[_families("causal_lm")]
 
 
 class ShapeFields(Recipe):

@@ -23,7 +23,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from bequest.anatomy import anatomy
+from bequest.anatomy import anatomy, name_labels
 from bequest.data import same_tokenizer
 from bequest.data.prepare import check_room, lm_splits, task_sets, text_splits
 from bequest.engine import curve, forward_flops_per_token, prepare_work, processes, train, train_flops_per_token
@@ -151,6 +151,7 @@ def recycle(r: RecycleRecipe, *, progress: bool = True) -> dict:
     train_set, eval_set, labels = task_sets(r, tokenizer)
     # Everything is loaded and checked before the work folder exists: a misfit leaves nothing behind.
     student, teacher = (_peft if peft else _full)(r, labels)
+    name_labels(student.config, train_set.features["label"].names)
     recipe = r.model_dump(exclude={"overwrite"})
     work = prepare_work(r.out, recipe, r.overwrite)
     shape = anatomy(load_config(r.new_base), "seq_cls")

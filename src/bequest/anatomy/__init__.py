@@ -255,3 +255,15 @@ def build_model(config, task: str):
     model = auto.from_config(config)
     model.config.architectures = [type(model).__name__]
     return model
+
+
+def name_labels(config, names: list[str]) -> None:
+    """A classifier's config saying its classes by name (id2label, label2id), so `pipeline()` and the
+    hub show them instead of LABEL_0, LABEL_1, ..."""
+    config.id2label = dict(enumerate(names))
+    config.label2id = {name: i for i, name in enumerate(names)}
+
+
+def label_names(config) -> list[str]:
+    """A classifier config's classes in id order."""
+    return [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)]

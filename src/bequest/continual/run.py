@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from bequest.anatomy import anatomy, build_model, family_of
+from bequest.anatomy import anatomy, build_model, family_of, name_labels
 from bequest.continual.evaluate import accuracy
 from bequest.continual.metrics import continual_metrics, heatmap
 from bequest.continual.recipe import METHODS, LearnRecipe
@@ -24,7 +24,7 @@ from bequest.engine.migu import MIGU, MIGUTrainer
 from bequest.engine.replay import Memory
 from bequest.errors import BequestError
 from bequest.io import atomic_dir, check_output, load_config, load_model, write_model
-from bequest.peft import KINDS, with_module
+from bequest.peft import KINDS, module_of, with_module, write_adapter
 from bequest.peft.bottleneck import head_modules
 
 
@@ -118,8 +118,7 @@ def _union_head(model, label_names: list[str], seed: int):
     a = anatomy(model)
     config = copy.deepcopy(model.config)
     config.num_labels = len(label_names)
-    config.id2label = dict(enumerate(label_names))
-    config.label2id = {name: i for i, name in enumerate(label_names)}
+    name_labels(config, label_names)
     config.problem_type = "single_label_classification"
     transformers.set_seed(seed)
     fresh = build_model(config, "seq_cls")
@@ -199,6 +198,7 @@ class _OnlyEverySave(transformers.TrainerCallback):
 def _save(folder: Path, model, tokenizer, r: LearnRecipe, recipe: dict) -> None:
     """The final model as a plain HF folder; under LoRA also the adapter (adapter/), then merged."""
     if r.lora:
-        model.save_pretrained(folder / "adapter")
+        write_adapter(folder / "adapter", module_of(model), model.config, tokenizer, operation="learn",
+                      parent=str(r.model), recipe=recipe)
         model = model.merge_and_unload()
     write_model(folder, model, tokenizer, operation="learn", parent=str(r.model), recipe=recipe)

@@ -9,8 +9,8 @@
 
 from bequest.io.folders import atomic_dir, check_output, hold, let_go, make_dir, partial_dir
 from bequest.io.models import (
-    check_checkpoint, check_model, load_config, load_lm, load_model, load_tokenizer, model_card, read_lineage, save_model, save_recipe,
-    write_model,
+    check_checkpoint, check_model, load_config, load_lm, load_model, load_tokenizer, model_card, read_lineage, reference, save_model,
+    save_recipe, save_tokenizer, write_card, write_model,
 )
 from bequest.io.safetensors import (
     DTYPES, MARGIN, UNITS, StoredTensor, TensorReader, check_disk, create_file, encode_header, parse_size, pwrite,
@@ -43,11 +43,14 @@ __all__ = [
     "pwrite",
     "read_header",
     "read_lineage",
+    "reference",
     "save_model",
     "save_recipe",
+    "save_tokenizer",
     "shard_names",
     "stored_tensors",
     "weight_files",
+    "write_card",
     "write_index",
     "write_model",
 ]

@@ -4,6 +4,8 @@ against its config before any weight loads; every model folder it writes carries
 
 from __future__ import annotations
 
+import copy
+import os
 import warnings
 from pathlib import Path
 
@@ -169,13 +171,40 @@ def load_lm(path: str | Path, seq_len: int, purpose: str):
 # ---------------------------------------------------------------- writing
 
 
-def model_card(lineage: dict) -> str:
-    meta = {"base_model": lineage.get("parent"), "tags": ["bequest"], "bequest": lineage}
-    if meta["base_model"] is None:
-        del meta["base_model"]
-    front = yaml.safe_dump(meta, sort_keys=False)
+# The hub's task for each head: what its widget and `pipeline()` without a task name do with a folder.
+PIPELINES = {"causal_lm": "text-generation", "masked_lm": "fill-mask", "seq_cls": "text-classification",
+             "base": "feature-extraction"}
+
+
+def reference(parent: str | Path) -> str:
+    """A parent others can follow from anywhere: an absolute path for a local folder, else as given (a hub id)."""
+    return os.path.abspath(parent) if Path(parent).exists() else str(parent)
+
+
+def model_card(lineage: dict, *, task: str | None = None, library: str = "transformers") -> str:
+    parent = lineage.get("parent")
+    meta = {"base_model": reference(parent) if parent else None, "library_name": library,
+            "pipeline_tag": PIPELINES.get(task), "tags": ["bequest"], "bequest": lineage}
+    front = yaml.safe_dump({k: v for k, v in meta.items() if v is not None}, sort_keys=False)
     title = f"{lineage.get('operation', 'model')} by bequest {lineage.get('version', __version__)}"
-    return f"---\n{front}---\n\n# {title}\n\nLineage: {lineage.get('parent') or 'trained from scratch'}.\n"
+    return f"---\n{front}---\n\n# {title}\n\nLineage: {parent or 'trained from scratch'}.\n"
+
+
+def write_card(folder: Path, *, operation: str, parent: str | None = None, recipe: dict | None = None,
+               lineage: dict | None = None, task: str | None = None, library: str = "transformers",
+               note: str = "") -> None:
+    """The lineage card of an output folder; `lineage`: fields the operation adds (a source, a path)."""
+    record = {"parent": parent, "operation": operation, **(lineage or {}), "recipe": recipe or {}, "version": __version__}
+    (folder / "README.md").write_text(model_card(record, task=task, library=library) + note)
+
+
+def save_tokenizer(folder: Path, tokenizer, positions: int) -> None:
+    """The tokenizer beside a model, its model_max_length the `positions` the text has there (0: no
+    limit, left as it is), so that truncation=True yields inputs the model can take."""
+    if positions:
+        tokenizer = copy.copy(tokenizer)  # the caller's tokenizer keeps its own limit
+        tokenizer.model_max_length = positions
+    tokenizer.save_pretrained(folder)
 
 
 def write_model(
@@ -186,14 +215,15 @@ def write_model(
     operation: str,
     parent: str | None = None,
     recipe: dict | None = None,
+    lineage: dict | None = None,
     max_shard_size: str = "2GB",
 ) -> None:
     """Save a loadable HF folder with its lineage card into `folder` (normally an atomic_dir)."""
     model.save_pretrained(folder, max_shard_size=max_shard_size, safe_serialization=True)
+    a = anatomy(model)
     if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    lineage = {"parent": parent, "operation": operation, "recipe": recipe or {}, "version": __version__}
-    (folder / "README.md").write_text(model_card(lineage))
+        save_tokenizer(folder, tokenizer, a.usable_positions)
+    write_card(folder, operation=operation, parent=parent, recipe=recipe, lineage=lineage, task=a.task)
     if recipe is not None:
         save_recipe(folder, recipe)
 

@@ -8,7 +8,9 @@ from pydantic import Field, field_validator
 
 from bequest import data
 from bequest.lifelong.schedule import parse_schedule
-from bequest.recipe import BlockFields, FileFields, GrowFields, OutputFields, ShapeFields, TrainFields, defaults
+from bequest.recipe import (
+    BlockFields, CausalFamily, FileFields, GrowFields, OutputFields, ShapeFields, TrainFields, defaults,
+)
 
 # What each method does at every stage after the first.
 METHODS = {
@@ -23,6 +25,7 @@ Method = Literal[tuple(METHODS)]
 @defaults(seq_len=64, eval_blocks=32)
 class LifelongRecipe(ShapeFields, GrowFields, BlockFields, FileFields, TrainFields, OutputFields):
     out: str = Field(..., description="output folder: one model folder per stage, metrics.json, ap.png, domains.png")
+    family: CausalFamily = Field("gpt2", description="model family (a causal LM: the stream is pre-trained left to right)")
     steps: int = Field(200, ge=1, description="optimizer steps of training on each new domain")
     domains: str = Field(
         ",".join(data.DOMAINS),

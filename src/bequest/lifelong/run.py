@@ -31,8 +31,6 @@ def lifelong(r: LifelongRecipe) -> dict:
     names = [_domain_name(s) for s in specs]
     if not specs or len(set(names)) != len(names):
         raise BequestError(f"--domains {r.domains!r} must name distinct domains; e.g. {','.join(data.DOMAINS[:3])}")
-    if not r.base and "causal_lm" not in FAMILIES[r.family].tasks:
-        raise BequestError(f"{r.family} is not a causal LM family; pick gpt2, llama, mistral or qwen2")
     plan = METHODS[r.method]
     if plan["replay"] and len(specs) > 1:
         memory_share(r.replay_fraction, r.batch_size)  # refused here, not after the first stage has trained

@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from bequest.anatomy import anatomy, build_model, task_of
+from bequest.anatomy import AUTO_CLASSES, anatomy, build_model, family_of, label_names, name_labels, task_of
 from bequest.errors import BequestError
-from bequest.io import read_header, save_recipe, write_model
+from bequest.io import read_header, reference, save_recipe, save_tokenizer, write_card, write_model
 from bequest.peft.kind import Kind, as_dict, target_regex
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+LABELS = "labels.json"  # a classifier module's classes, which its host's head is built with: {num_labels, names}
 HOST_TASKS = {"SEQ_CLS": "seq_cls", "CAUSAL_LM": "causal_lm", "FEATURE_EXTRACTION": "base", None: "base"}
 PEFT_TASKS = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "base": "FEATURE_EXTRACTION", "masked_lm": None}
 
@@ -51,6 +52,7 @@ class Module:
     kind: str  # a name in KINDS
     config: dict  # adapter_config.json
     tensors: dict[str, torch.Tensor]  # adapter_model.safetensors
+    labels: list[str] | None = None  # labels.json: the classes of the classifier trained with it, in id order
 
     def host_task(self, host_config) -> str:
         """The head the host needs: a classifier for SEQ_CLS modules, an LM head for CAUSAL_LM ones; a
@@ -96,7 +98,19 @@ def read_module(folder: str | Path) -> Module:
         pickled = " (only adapter_model.bin: bequest never unpickles, re-save with safe_serialization=True)"
         raise BequestError(f"{folder}: no {WEIGHTS}{pickled if (folder / 'adapter_model.bin').exists() else ''}")
     read_header(weights)  # a truncated file fails here with a clear message, not inside safetensors
-    return Module(kind.name, config, load_file(str(weights)))
+    return Module(kind.name, config, load_file(str(weights)), _read_labels(folder / LABELS))
+
+
+def _read_labels(path: Path) -> list[str] | None:
+    if not path.exists():
+        return None
+    try:
+        names = json.loads(path.read_text())["names"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise TypeError("names is not a list of strings")
+        return names
+    except (ValueError, KeyError, TypeError) as e:
+        raise BequestError(f"{path}: unreadable classes ({type(e).__name__}: {e}); fix or delete it") from None
 
 
 def write_module(folder: str | Path, module: Module) -> None:
@@ -104,6 +118,49 @@ def write_module(folder: str | Path, module: Module) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG).write_text(json.dumps(as_dict(module.config), indent=1))
     save_file({k: t.contiguous() for k, t in module.tensors.items()}, str(folder / WEIGHTS))
+    if module.labels is not None:
+        (folder / LABELS).write_text(json.dumps({"num_labels": len(module.labels), "names": module.labels}, indent=1))
+
+
+def write_adapter(folder: str | Path, module: Module, host_config, tokenizer=None, *, operation: str, parent: str,
+                  recipe: dict | None = None, lineage: dict | None = None) -> None:
+    """An adapter folder other tools read fully: the module with its host as a reference they can
+    follow, a classifier's classes (labels.json), the tokenizer limited to the positions the text
+    has beside any virtual tokens, the recipe and a lineage card. `host_config`: the host it was
+    trained or placed on; `lineage`: fields the operation adds to the card."""
+    folder = Path(folder)
+    task = module.host_task(host_config)
+    labels = module.labels or (_classes(module, host_config) if task == "seq_cls" else None)
+    config = {**module.config, "base_model_name_or_path": reference(parent)}
+    write_module(folder, Module(module.kind, config, module.tensors, labels))
+    if tokenizer is not None:
+        room = anatomy(host_config, task).usable_positions
+        save_tokenizer(folder, tokenizer, room and room - (config.get("num_virtual_tokens") or 0))
+    if recipe is not None:
+        save_recipe(folder, recipe)
+    kind = KINDS[module.kind]
+    write_card(folder, operation=operation, parent=str(parent), recipe=recipe, lineage=lineage, task=task,
+               library=kind.library, note=_loading(kind, task, config["base_model_name_or_path"]))
+
+
+def _classes(module: Module, host_config) -> list[str]:
+    """The classes of a module's classifier: the host's names when the counts agree (LABEL_i otherwise)."""
+    n = module.num_labels(family_of(host_config)) or host_config.num_labels
+    names = label_names(host_config) if host_config.num_labels == n else []
+    return names or [f"LABEL_{i}" for i in range(n)]
+
+
+def _loading(kind: Kind, task: str, base: str) -> str:
+    """How plain peft loads the folder (a classifier's host is built with the classes in labels.json)."""
+    if kind.library != "peft":
+        return ""
+    lines = ["import json", "from peft import PeftModel", f"from transformers import {AUTO_CLASSES[task]}", ""]
+    labels = ""
+    if task == "seq_cls":
+        lines.append('names = json.load(open("FOLDER/labels.json"))["names"]')
+        labels = ", id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}"
+    lines += [f"host = {AUTO_CLASSES[task]}.from_pretrained({base!r}{labels})", 'model = PeftModel.from_pretrained(host, "FOLDER")']
+    return "\nLoad it with plain peft:\n\n```python\n" + "\n".join(lines) + "\n```\n"
 
 
 def new_config(kind: str, model, settings=None, **overrides) -> dict:
@@ -125,7 +182,8 @@ def new_config(kind: str, model, settings=None, **overrides) -> dict:
 def with_module(model, config: dict, *, trainable: bool = True):
     """`model` carrying a freshly initialised module of `config` (peft's PeftModel, or the host itself
     with bequest's own kinds hooked in). Seed the global RNG first for a reproducible init."""
-    config = {k: v for k, v in config.items() if k not in ("peft_version", "auto_mapping")}
+    # A copy: peft extends the lists it is given (modules_to_save) in place, and the caller's module keeps its own.
+    config = copy.deepcopy({k: v for k, v in config.items() if k not in ("peft_version", "auto_mapping")})
     return BY_TYPE[config["peft_type"]].wrap(model, {**config, "inference_mode": not trainable}, trainable)
 
 
@@ -177,7 +235,10 @@ def misfits(tensors: dict[str, torch.Tensor], want: dict[str, tuple]) -> list[st
 
 
 def attach(model, module: Module, *, trainable: bool = False):
-    """`model` carrying the saved `module`; refuses a partial fit instead of loading what matches."""
+    """`model` carrying the saved `module`; refuses a partial fit instead of loading what matches. A
+    classifier host takes on the module's class names."""
+    if module.labels and task_of(model.config) == "seq_cls" and model.config.num_labels == len(module.labels):
+        name_labels(model.config, module.labels)
     carrier = with_module(model, module.config, trainable=trainable)
     want = {k: tuple(t.shape) for k, t in module_of(carrier).tensors.items()}
     problems = misfits(module.tensors, want)
@@ -188,19 +249,18 @@ def attach(model, module: Module, *, trainable: bool = False):
     return carrier
 
 
-def save_tuned(folder: Path, model, tokenizer, *, parent: str, operation: str, recipe: dict) -> None:
-    """A full fine-tune as a model folder; a PEFT module as an adapter folder (tokenizer beside it)."""
+def save_tuned(folder: Path, model, tokenizer, *, parent: str, operation: str, recipe: dict,
+               lineage: dict | None = None) -> None:
+    """A full fine-tune as a model folder; a PEFT module as an adapter folder (tokenizer beside it);
+    `lineage`: fields the operation adds to the card."""
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    card = dict(operation=operation, parent=str(parent), recipe=recipe, lineage=lineage)
     if _carrier(model) is not None:
-        module = module_of(model)
-        module.config["base_model_name_or_path"] = str(parent)
-        write_module(folder, module)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        save_recipe(folder, recipe)
+        write_adapter(folder, module_of(model), model.config, tokenizer, **card)
     else:
-        write_model(folder, model, tokenizer, operation=operation, parent=str(parent), recipe=recipe)
+        write_model(folder, model, tokenizer, **card)
 
 
-__all__ = ["CONFIG", "KINDS", "WEIGHTS", "Kind", "Module", "as_dict", "attach", "expected", "misfits", "module_of",
-           "new_config", "read_module", "save_tuned", "target_regex", "virtual_tokens", "with_module", "write_module"]
+__all__ = ["CONFIG", "KINDS", "LABELS", "WEIGHTS", "Kind", "Module", "as_dict", "attach", "expected", "misfits",
+           "module_of", "new_config", "read_module", "save_tuned", "target_regex", "virtual_tokens", "with_module",
+           "write_adapter", "write_module"]

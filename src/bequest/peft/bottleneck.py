@@ -116,6 +116,7 @@ def remove_bottleneck(model):
 
 class Bottleneck(Kind):
     name, peft_type, order = "bottleneck", PEFT_TYPE, 4
+    library = "bequest"  # peft has no bottleneck adapters
     tensors = ("adapter.down.weight", "adapter.down.bias", "adapter.up.weight", "adapter.up.bias")
 
     def config(self, fam, task_type, s):

@@ -43,6 +43,7 @@ class Kind:
     name: str  # bequest's name: --peft, study types, tables
     peft_type: str  # adapter_config.json's peft_type
     order: int  # place in listings (study grids and tables)
+    library: str = "peft"  # what loads its folders (a model card's library_name)
     host_fields: tuple[str, ...] = ()  # config fields the host's shape fills in
     takes_positions: bool = False  # puts virtual tokens before the text (they take sequence positions)
     tensors: tuple[str, ...] = ()  # names of its tensors on a host module (lora_A.weight: ...)
@@ -101,7 +102,12 @@ class Kind:
         cfg = (getattr(model, "peft_config", None) or {}).get("default")
         if cfg is None or cfg.peft_type != self.peft_type:
             return None
-        return as_dict({**cfg.to_dict(), "inference_mode": True})
+        config = as_dict({**cfg.to_dict(), "inference_mode": True})
+        if config.get("modules_to_save"):
+            # peft adds its classifier names to the list each time a SEQ_CLS module is wrapped, even when
+            # they are there: read back once each, a module ported and recycled keeps the list it had.
+            config["modules_to_save"] = list(dict.fromkeys(config["modules_to_save"]))
+        return config
 
     def state(self, model) -> dict[str, torch.Tensor]:
         """The carried module's tensors, as they are saved."""

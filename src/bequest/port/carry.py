@@ -138,4 +138,4 @@ def port_module(module: Module, host: str | Path, *, init: Init = "ported", seed
     report["tensors"] = {**counts, "total": len(want)}
     report["config_changed"] = sorted(k for k in refilled if refilled[k] != module.config.get(k))
     refilled = {**refilled, "base_model_name_or_path": str(host)}
-    return Module(module.kind, refilled, tensors), report
+    return Module(module.kind, refilled, tensors, module.labels), report

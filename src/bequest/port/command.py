@@ -13,8 +13,8 @@ import json
 
 from pydantic import Field
 
-from bequest.io import atomic_dir, check_output, save_recipe
-from bequest.peft import read_module, write_module
+from bequest.io import atomic_dir, check_output, load_config
+from bequest.peft import read_module, write_adapter
 from bequest.port.carry import Init, port_module
 from bequest.recipe import OutputFields
 
@@ -38,9 +38,9 @@ def port(r: PortRecipe) -> dict:
     ported, report = port_module(module, r.to, init=r.init, seed=r.seed)
     report["source"] = str(r.adapter)
     with atomic_dir(r.out, r.overwrite) as folder:
-        write_module(folder, ported)
+        write_adapter(folder, ported, load_config(r.to), operation="port", parent=r.to,
+                      recipe=r.model_dump(exclude={"overwrite"}), lineage={"source": str(r.adapter)})
         (folder / "port.json").write_text(json.dumps(report, indent=1))
-        save_recipe(folder, r.model_dump(exclude={"overwrite"}))
     n = report["tensors"]
     how = (f"all {n['total']} tensors matched" if report["mode"] == "same-shape"
            else f"grown {report['grown_from']} -> {report['host_shape']}: {n['grown']} grown, {n['fresh']} fresh, "

@@ -33,7 +33,7 @@ from bequest.io import atomic_dir, load_config, load_model, save_recipe
 from bequest.peft import KINDS, attach, module_of, new_config, read_module, virtual_tokens, with_module, write_module
 from bequest.port.carry import INITS, Init, port_module
 from bequest.port.report import write_report
-from bequest.recipe import PeftFields, PeftKind, Recipe, TrainFields, TuningFields
+from bequest.recipe import PeftFields, PeftKind, Recipe, TrainFields, TuningFields, without
 
 
 class Pair(Recipe):
@@ -42,6 +42,7 @@ class Pair(Recipe):
     target: str = Field(..., description="host folder they are ported to (B)")
 
 
+@without("save_every")  # runs restart instead of resuming: they write no checkpoints
 class StudyRecipe(TuningFields, PeftFields, TrainFields):
     out: str = Field(..., description="study folder: sources/, runs/, results.jsonl/.csv, report.md/.png")
     pairs: list[Pair] = Field(..., description="host pairs (YAML: a list of {name, source, target})")

@@ -13,13 +13,13 @@ import shutil
 import time
 from pathlib import Path
 
-from bequest.anatomy import anatomy
+from bequest.anatomy import anatomy, name_labels
 from bequest.data import same_tokenizer
 from bequest.data.corpus import corpus_docs
 from bequest.data.prepare import check_room, task_sets, task_splits
 from bequest.engine import accuracy, curve, prepare_work, train, train_flops_per_token
 from bequest.errors import BequestError
-from bequest.io import atomic_dir, check_model, hold, load_config, load_tokenizer, make_dir, model_card, save_recipe
+from bequest.io import atomic_dir, check_model, hold, load_config, load_tokenizer, make_dir, save_recipe
 from bequest.lineage import relation
 from bequest.recipe import read_yaml
 from bequest.peft import save_tuned
@@ -116,6 +116,8 @@ def _one(r: UpgradeRecipe, path: str, given: str | None, dest: Path, link, token
     texts = _texts(task)
     move = Move(source, Path(r.from_), Path(r.to), link, labels, r.seed, texts, tokenizers)
     student, how = start(method, move)
+    if sets is not None:
+        name_labels(student.config, sets["new"][0].features["label"].names)
     row = {"source": str(path), "kind": source.kind, "relation": link.kind, "path": method, "steps": r.steps,
            "status": "upgraded", "details": how}
     if sets is not None:
@@ -133,10 +135,8 @@ def _one(r: UpgradeRecipe, path: str, given: str | None, dest: Path, link, token
     row["seconds"] = time.perf_counter() - begin
     with atomic_dir(dest, False, work=work) as folder:
         save_tuned(folder, student, new_tok, parent=str(r.to), operation="upgrade",
-                   recipe={**r.model_dump(exclude={"overwrite", "sources"}), "source": str(path)})
-        if source.module is not None:  # an adapter folder gets the lineage card a model folder has
-            lineage = {"parent": str(r.to), "operation": "upgrade", "source": str(path), "path": method}
-            (folder / "README.md").write_text(model_card(lineage))
+                   recipe={**r.model_dump(exclude={"overwrite", "sources"}), "source": str(path)},
+                   lineage={"source": str(path), "path": method})
         (folder / REPORT).write_text(json.dumps(row, indent=1, default=str))
     shown = (f", accuracy {row['acc_old']:.3f} on OLD, {row['acc_step0']:.3f} at step 0"
              + (f", {row['acc_final']:.3f} after {r.steps} steps" if "acc_final" in row else "")) if sets else ""
