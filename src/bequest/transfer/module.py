@@ -69,7 +69,7 @@ def transfer_module(module: Module, alignment: Alignment, new_config) -> tuple[M
     skipped = sorted(set(module.tensors) - used)
     counts = {"mapped": len(want) - fresh, "fresh": fresh, "skipped": len(skipped), "skipped_tensors": skipped}
     config = {**config, "base_model_name_or_path": getattr(new_config, "_name_or_path", None) or config.get("base_model_name_or_path")}
-    return Module(module.kind, config, tensors), {"type": module.kind, **report(alignment, fits, counts, time.perf_counter() - start)}
+    return Module(module.kind, config, tensors, module.labels), {"type": module.kind, **report(alignment, fits, counts, time.perf_counter() - start)}
 
 
 def _block(kind, what: str, role: str, t: torch.Tensor, j: int, alignment: Alignment, fits: dict) -> torch.Tensor:
