@@ -29,19 +29,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-QUICK = dict(vocab=1000, seq_len=32, old=dict(layers=1, hidden=32, heads=2), big=dict(layers=2, hidden=64, heads=4),
-             pretrain_steps=6, continue_steps=4, tune_steps=4, steps=4, eval_every=2, max_len=24, train_examples=64,
-             eval_examples=16, batch=8, seeds=(0,), virtual_tokens=4)
-FULL = dict(vocab=4000, seq_len=64, old=dict(layers=2, hidden=64, heads=2), big=dict(layers=4, hidden=128, heads=4),
-            pretrain_steps=600, continue_steps=200, tune_steps=200, steps=60, eval_every=6, max_len=48,
-            train_examples=2000, eval_examples=200, batch=16, seeds=(0, 1), virtual_tokens=8)
 # The zoo: 9 sources over 3 tasks, every kind `bequest upgrade` carries.
 ZOO = [("domain", "lora"), ("domain", "ia3"), ("domain", "full"), ("kind", "lora"), ("kind", "prompt"),
        ("kind", "bottleneck"), ("arity", "lora"), ("arity", "bottleneck"), ("arity", "full")]
+QUICK = dict(vocab=1000, seq_len=32, old=dict(layers=1, hidden=32, heads=2), big=dict(layers=2, hidden=64, heads=4),
+             pretrain_steps=2, continue_steps=2, tune_steps=2, steps=2, eval_every=1, max_len=24, train_examples=16,
+             eval_examples=8, batch=4, seeds=(0,), virtual_tokens=4, zoo=[ZOO[3], ZOO[2], ZOO[7]])
+# 5 models, 9 tunings and 14 zoo upgrades (about 130 tuning runs) of a 2x48 / 4x96 GPT-2: about 45 minutes
+# with --workers 2 --threads 1.
+FULL = dict(vocab=4000, seq_len=64, old=dict(layers=2, hidden=48, heads=2), big=dict(layers=4, hidden=96, heads=4),
+            pretrain_steps=400, continue_steps=150, tune_steps=150, steps=50, eval_every=10, max_len=32,
+            train_examples=2000, eval_examples=100, batch=16, seeds=(0, 1), virtual_tokens=8, zoo=ZOO)
 LR = {"full": 1e-3, "lora": 5e-3, "ia3": 2e-2, "prompt": 2e-2, "bottleneck": 5e-3}
 OLD_DOMAIN, NEW_DOMAIN = "text", "data"
-# Per edge, the methods beside the automatic path (whose run also tunes the fresh baseline).
+# Per edge, the methods beside the automatic path (whose run also tunes the fresh baseline). Reuse where
+# shapes allow is PortLLM's training-free patch: step 0 only (on the continued edge, auto's step 0).
 EDGES = {"continued": (), "grown": (), "independent": ("distill",), "reseeded": ("distill", "reuse")}
+UNTRAINED = {"reuse"}
 COLORS = {"auto": "#d62728", "fresh": "#555", "distill": "#1f77b4", "reuse": "#8c564b"}
 
 
@@ -97,7 +101,7 @@ def tune_zoo(work: Path, c: dict, old: Path) -> list[dict]:
     from bequest.finetune import FinetuneRecipe, finetune
 
     zoo = []
-    for task, kind in ZOO:
+    for task, kind in c["zoo"]:
         path = work / "zoo" / f"{task}-{kind}"
         m = finetune(FinetuneRecipe(model=str(old), out=str(path), data=task, steps=c["tune_steps"], lr=LR[kind],
                                     peft=None if kind == "full" else kind, virtual_tokens=c["virtual_tokens"],
@@ -118,8 +122,9 @@ def upgrade_run(job: dict) -> dict:
 
     c = job["c"]
     out = Path(job["work"]) / f"up-{job['edge']}-{job['method']}-{job['seed']}"
+    steps = 0 if job["method"] in UNTRAINED else c["steps"]
     r = UpgradeRecipe(from_=job["old"], to=job["new"], sources=job["sources"], out=str(out), method=job["method"],
-                      steps=c["steps"], lr=2e-3, compare_fresh=job["method"] == "auto", **_task(c, c["steps"], job["seed"]))
+                      steps=steps, lr=2e-3, compare_fresh=job["method"] == "auto", **_task(c, c["steps"], job["seed"]))
     rows = upgrade(r, progress=False)
     return {**{k: job[k] for k in ("edge", "method", "seed")}, "rows": rows}
 
@@ -142,7 +147,8 @@ def score(done: list[dict], zoo: list[dict], c: dict) -> dict:
         runs = {m: [d for d in done if d["edge"] == edge and d["method"] == m] for m in ("auto", *extra)}
         per_source, edge_curves = [], {}
         for k, source in enumerate(zoo):
-            mine = {m: mean_curve([d["rows"][k]["curve"] for d in ds]) for m, ds in runs.items()}
+            mine = {m: mean_curve([d["rows"][k].get("curve") or [(0, d["rows"][k]["acc_step0"])] for d in ds])
+                    for m, ds in runs.items()}
             mine["fresh"] = mean_curve([d["rows"][k]["fresh"]["curve"] for d in runs["auto"]])
             edge_curves[source["path"]] = mine
             target = max(a for _, a in mine["fresh"])
@@ -209,7 +215,8 @@ def figure(plt, results: dict):
         ax.set_xlabel("tuning steps on NEW")
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("validation accuracy (mean over the zoo)")
-    fig.suptitle("bequest upgrade: a 9-source zoo onto four successors; mean of seeds", fontsize=10)
+    fig.suptitle(f"bequest upgrade: a {len(results['zoo'])}-source zoo onto four successors; mean over sources and "
+                 f"{len(results['config']['seeds'])} seeds", fontsize=10)
     fig.tight_layout()
     return fig
 
