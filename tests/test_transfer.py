@@ -278,6 +278,18 @@ def test_pair_recovers_an_invertible_map_both_ways_and_layers_align_monotonicall
     assert monotone([[0.1, 0.9], [0.2, 0.5], [0.3, 0.4], [0.9, 0.1]]) == [1, 1, 1, 1]
 
 
+def test_pair_does_not_amplify_what_the_text_rarely_visits():
+    # Between unrelated models the fit is partial; a direction OLD barely uses must not map with a
+    # huge gain (plain least squares: 190 here), or a task delta written there explodes on NEW.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 6, generator=g, dtype=torch.float64)
+    x[:, 5] *= 1e-4
+    y = x @ torch.randn(6, 6, generator=g, dtype=torch.float64) + torch.randn(4000, 6, generator=g, dtype=torch.float64)
+    pair = Pair(ridge=1e-12)
+    pair.add(x, y)
+    assert pair.forward[5].norm() < 1 and 0.3 < pair.r2_forward < 0.95
+
+
 def test_a_module_trained_on_another_model_is_refused():
     old, new, alignment = twins("gpt2")
     _, module = tuned_module(trained("gpt2", hidden=48, heads=6), "lora")

@@ -8,11 +8,14 @@ ridge least squares, with no intercept (what a module reads or writes includes t
     old -> new   S = (X^T X + lam I)^-1 X^T Y      X S ~ Y   (what OLD writes, in NEW's coordinates)
     new -> old   R = (Y^T Y + lam I)^-1 Y^T X      Y R ~ X   (what NEW offers, as OLD's readers saw it)
 
-`lam` is chosen from the data (Hoerl, Kennard & Baldwin 1975): `p * RSS / ((n - p) * ||M||_F^2)` from
-a first, barely regularised solution M with residual sum of squares RSS. Two models that are one in
-different coordinates leave no residual, so lam is ~0 and the maps exact; unrelated ones leave a large
-residual, and directions the text rarely visits are shrunk towards 0 instead of amplified as noise.
-`ridge` times the mean eigenvalue is the floor that keeps the first solve well posed.
+`lam` is the posterior-mean ridge of a prior that expects the map to carry OLD's variance onto NEW's:
+noise variance over prior variance, `lam = (RSS / tr(Y^T Y)) * tr(X^T X) / n`, with RSS the residual of
+a first, barely regularised solve (`ridge` times the mean eigenvalue). Two models that are one in
+different coordinates leave no residual, so lam is ~0 and the maps exact; between unrelated models the
+share left unexplained sets how far directions the text rarely visits are shrunk towards 0. Those are
+the directions a task's weights may write into, and a map fitted to predict OLD's own activations is
+free to amplify them a hundredfold there at no cost to its fit (Hoerl-Kennard's estimate, which
+divides by that map's norm, shrinks least exactly when it should most).
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def _solve(gram: torch.Tensor, cross: torch.Tensor, target: torch.Tensor, n: int
     floor = ridge * gram.diagonal().mean().clamp_min(TINY)
     m = torch.linalg.solve(gram + floor * eye, cross)
     rss = (target - 2 * (m * cross).sum() + (m * (gram @ m)).sum()).clamp_min(0)
-    lam = len(gram) * rss / (max(n - len(gram), 1) * m.square().sum().clamp_min(TINY))
+    lam = rss / target.clamp_min(TINY) * gram.trace() / n
     return m if lam <= floor else torch.linalg.solve(gram + lam * eye, cross)
 
 

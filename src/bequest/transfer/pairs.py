@@ -30,7 +30,12 @@ def paired_blocks(texts: list[str], old_tokenizer, vocab: tuple[torch.Tensor, to
     """(OLD ids, NEW ids), both [blocks, length]: the texts' shared tokens in blocks of up to
     `seq_len`, at most `max_tokens` in all; fewer than `least` tokens is an error."""
     to_new = dict(zip(vocab[0].tolist(), vocab[1].tolist()))
-    stream = [i for ids in old_tokenizer(list(texts), add_special_tokens=False)["input_ids"] for i in ids if i in to_new]
+    texts, stream = list(texts), []
+    for start in range(0, len(texts), 256):  # a large corpus is read only as far as it is needed
+        for ids in old_tokenizer(texts[start:start + 256], add_special_tokens=False)["input_ids"]:
+            stream += [i for i in ids if i in to_new]
+        if len(stream) >= max_tokens:
+            break
     stream = stream[:max_tokens]
     if len(stream) < least:
         raise BequestError(f"the texts hold {len(stream)} tokens both vocabularies share; measuring OLD against NEW "
