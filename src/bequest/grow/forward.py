@@ -13,6 +13,7 @@ window shorter than the probe, an activation it lacks); the probe then runs tran
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 from math import prod
 from pathlib import Path
@@ -59,13 +60,15 @@ ACTS = {  # transformers' ACT2FN, the ones bequest's families use
 
 
 def _fp32(raw: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
-    """Stored bytes as fp32 values, into `out` (fp32, big enough) when given; fp32 bytes are only viewed."""
+    """Stored bytes as fp32 values, into `out` (fp32, big enough) when given; fp32 bytes are only viewed.
+    A bf16 value is the top half of an fp32 one: it goes into the top halves of `out`, whose bottom
+    halves must be (and stay) zero (faster than shifting every value into place)."""
     if dtype == "F32":
         return raw.view(np.float32)
     n = len(raw) // DTYPES[dtype].size
-    out = np.empty(n, dtype=np.float32) if out is None else out[:n]
+    out = np.zeros(n, dtype=np.float32) if out is None else out[:n]
     if dtype == "BF16":
-        np.left_shift(raw.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+        np.copyto(out.view(np.uint16)[1::2], raw.view(np.uint16))  # little-endian, as safetensors and numpy here
     else:
         np.copyto(out, raw.view(FLOATS[dtype]), casting="unsafe")
     return out
@@ -74,6 +77,30 @@ def _fp32(raw: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndar
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """numpy's OpenBLAS on one thread, where it can be told (Linux): the probe's products of a few tokens
+    gain little from more, and idle BLAS threads spin between them, taking the CPU the conversions need
+    (on a busy 2-core machine the probe of a 1.7 GB checkpoint took 43-53 s with two, 9 s with one)."""
+    restore = []
+    with contextlib.suppress(OSError):
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        for path in sorted({line.split()[-1] for line in maps if "openblas" in line.lower()}):
+            lib = ctypes.CDLL(path)  # the copy already loaded
+            for prefix, suffix in (("", ""), ("scipy_", "64_"), ("", "64_")):
+                get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
+                put = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
+                if get and put:
+                    restore.append((put, get()))
+                    put(1)
+                    break
+    try:
+        yield
+    finally:
+        for put, n in restore:
+            put(n)
 
 
 class Model:
@@ -92,8 +119,8 @@ class Model:
         self.kept: dict[str, np.ndarray] = {}  # the stored bytes of the block run last with keep=True
         self._keeping: dict | None = None  # while a block runs with keep=True: its bytes mapped so far
         # One slice's fp32 values, reused: a fresh buffer for every slice would leave the heap as big as
-        # the biggest mix of them (glibc keeps freed pages).
-        self._floats = np.empty(CHUNK, dtype=np.float32)
+        # the biggest mix of them (glibc keeps freed pages). bf16 slices have their own, zeros below.
+        self._floats = {dtype: np.zeros(CHUNK, dtype=np.float32) for dtype in ("BF16", "F16", "F64")}
         self.causal = "causal_lm" in self.fam.tasks  # decoders attend backwards and pool their last token
         self.rope = "embed.position" not in self.fam.embed  # families without a position table rotate
         self.act = getattr(self.config, self.fam.act_key, None)
@@ -139,12 +166,13 @@ class Model:
         s, raw = self.stored[key], self._raw(key)
         row, size = prod(s.shape[1:]), DTYPES[s.dtype].size
         step = max(1, CHUNK // max(row, 1))
-        if step * row > len(self._floats):  # rows longer than a slice
-            self._floats = np.empty(step * row, dtype=np.float32)
+        out = self._floats.get(s.dtype)
+        if out is not None and step * row > len(out):  # rows longer than a slice
+            out = self._floats[s.dtype] = np.zeros(step * row, dtype=np.float32)
         for first in range(0, s.shape[0], step):
             n = min(step, s.shape[0] - first)
             part = raw[first * row * size : (first + n) * row * size]
-            yield first, _fp32(part, s.dtype, self._floats).reshape(n, *s.shape[1:])
+            yield first, _fp32(part, s.dtype, out).reshape(n, *s.shape[1:])
 
     def _raw(self, key: str) -> np.ndarray:
         """The stored bytes of `key`, mapped from the shard; while a block is kept, they stay mapped."""

@@ -22,7 +22,7 @@ import numpy as np
 
 from bequest.anatomy import anatomy, build_model, task_of
 from bequest.errors import BequestError
-from bequest.grow.forward import Model
+from bequest.grow.forward import Model, one_blas_thread
 from bequest.io import TensorReader, load_config, stored_tensors, weight_files
 
 PROBE = (2, 16)  # sequences x tokens of the fixed probe batch
@@ -34,7 +34,8 @@ def probe_folders(src: Path, grown: Path, ids: np.ndarray) -> float:
         old, new = Model(src, ids, stack), Model(grown, ids, stack)
         if old.unsupported() or new.unsupported():
             return worst_change(folder_outputs(src, ids), folder_outputs(grown, ids))
-        return worst_change(*side_by_side(old, new))
+        with one_blas_thread():
+            return worst_change(*side_by_side(old, new))
 
 
 def side_by_side(old: Model, new: Model) -> tuple[list, list]:
