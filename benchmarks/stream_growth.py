@@ -1,10 +1,10 @@
 """Sharded depth growth of a checkpoint (tensor by tensor) vs copying its bytes vs mergekit, side by side.
 
 Synthetic Llama checkpoints (random bf16 weights, several shards; written shard by shard with
-safetensors, never held whole) of three sizes are grown 1.25x deeper: 1.7 GB (16 layers, 5 shards of
-350 MB), 3.1 GB (a 1.5B shape, 700 MB shards) and 13.5 GB (Llama-2-7B's shape, 2 GB shards). Each job
-runs in its own process under /usr/bin/time -v (psutil polling where that is missing) for wall time
-and peak RSS:
+safetensors, never held whole) of three sizes are grown 1.25x deeper: 1.7 GB (16 layers, 6 shards of
+350 MB), 3.1 GB (a 1.5B shape, 700 MB shards) and 13.5 GB (Llama-2-7B's shape, 2 GB shards); --sizes
+picks some of them. Each job runs in its own process under /usr/bin/time -v (psutil polling where that
+is missing) for wall time and peak RSS:
   copy      shutil.copytree of the same folder: the physical limit of this disk
   bequest   `bequest grow --layers 1.25L --no-probe` with identity blocks (the CLI, imports and all)
   bequest (probe)  the same with the logit probe on (its default): both models run module by module
@@ -13,10 +13,12 @@ and peak RSS:
   mergekit  mergekit-yaml passthrough slices that duplicate the same layers, in its own venv
 Jobs alternate round by round so drifting machine load hits all alike; the median is reported. Before
 each job the source is evicted from the page cache, so every job reads it from disk (--warm: cached).
-bequest's fixed cost (start-up, imports, planning) is measured apart by growing a tiny checkpoint.
+bequest's fixed cost (start-up, imports, planning) is measured apart by growing a tiny checkpoint, and
+its start-up alone (the CLI's imports for `bequest grow`, and whether they pull in torch).
 Goals: bequest <= 1.5x copy time; peak RSS <= 2 x largest shard + 300 MB; faster and leaner than mergekit.
 
-    python benchmarks/stream_growth.py [--quick] [--rounds 2] [--mergekit-venv /tmp/bequest-mk-venv]
+    python benchmarks/stream_growth.py [--quick] [--sizes 1.7GB,3.1GB,13.5GB] [--rounds 2]
+                                       [--mergekit-venv /tmp/bequest-mk-venv]
 """
 
 from __future__ import annotations
@@ -35,11 +37,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-FULL = [dict(hidden=2048, heads=16, kv_heads=4, ffn=5632, layers=16, vocab=32000, shard=350 * 10**6),
-        dict(hidden=2048, heads=16, kv_heads=4, ffn=5632, layers=32, vocab=32000, shard=700 * 10**6),
-        dict(hidden=4096, heads=32, kv_heads=32, ffn=11008, layers=32, vocab=32000, shard=2 * 10**9)]
+FULL = {"1.7GB": dict(hidden=2048, heads=16, kv_heads=4, ffn=5632, layers=16, vocab=32000, shard=350 * 10**6),
+        "3.1GB": dict(hidden=2048, heads=16, kv_heads=4, ffn=5632, layers=32, vocab=32000, shard=700 * 10**6),
+        "13.5GB": dict(hidden=4096, heads=32, kv_heads=32, ffn=11008, layers=32, vocab=32000, shard=2 * 10**9)}
 QUICK = [dict(hidden=64, heads=4, kv_heads=2, ffn=160, layers=4, vocab=1000, shard=200 * 10**3)]
 GROW = 1.25
+# What `bequest grow` imports before it does anything; prints the heavy libraries among them.
+STARTUP = ("import sys; from bequest.cli import build; build(['grow']); "
+           "print(*[m for m in ('torch', 'transformers', 'numpy') if m in sys.modules])")
 
 
 def checkpoint(folder: Path, hidden, heads, kv_heads, ffn, layers, vocab, shard) -> dict:
@@ -344,10 +349,15 @@ def main() -> None:
     extra.add_argument("--rounds", type=int, default=2)
     extra.add_argument("--mergekit-venv", type=Path, default=Path(tempfile.gettempdir()) / "bequest-mk-venv")
     extra.add_argument("--warm", action="store_true", help="start every job with the source cached, not on disk")
+    extra.add_argument("--sizes", default=",".join(FULL), help=f"comma-separated, of {', '.join(FULL)}")
     mine, rest = extra.parse_known_args()
+    unknown = set(mine.sizes.split(",")) - set(FULL)
+    if unknown:
+        extra.error(f"--sizes: no size {sorted(unknown)[0]}; pick from {', '.join(FULL)}")
     sys.argv = [sys.argv[0], *rest]
     args = common.parse(__doc__.splitlines()[0])
     timer = Path("/usr/bin/time").exists()
+    load = {"start": os.getloadavg()}  # other users' work on the machine slows every job
     mk_exe, mk_note = (None, "skipped in --quick") if args.quick else mergekit_venv(mine.mergekit_venv)
     work = Path(tempfile.mkdtemp(prefix="bequest-sharded-bench-"))
     try:
@@ -355,18 +365,24 @@ def main() -> None:
         checkpoint(work / "tiny", **QUICK[0])
         fixed = measure([sys.executable, "-m", "bequest", "grow", str(work / "tiny"), str(work / "tiny-grown"),
                          "--layers", "5", "--no-probe"], timer)
+        startup = measure([sys.executable, "-c", STARTUP], timer)
+        startup["imports"] = subprocess.run([sys.executable, "-c", STARTUP], capture_output=True, text=True,
+                                            check=True).stdout.split()
         if mk_exe is not None:  # the tools' own code is read once before timing, so no job pays for it alone
             subprocess.run([str(mk_exe.parent / "python"), "-c", "import mergekit.merge"], check=True,
                            capture_output=True)
+        shapes = QUICK if args.quick else [FULL[name] for name in mine.sizes.split(",")]
         sizes = [one_size(work, shape, args.quick, 1 if args.quick else mine.rounds, mine.warm, mk_exe, timer)
-                 for shape in (QUICK if args.quick else FULL)]
+                 for shape in shapes]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    load["end"] = os.getloadavg()
 
     results = {
         "quick": args.quick,
         "rounds": 1 if args.quick else mine.rounds,
         "measured_with": "/usr/bin/time -v" if timer else "psutil polling (job and children)",
+        "load_average": load,
         "page_cache": ("warm: every job starts after a full read of the source, so all find it cached" if mine.warm
                        else "cold: before every job the source is evicted from the page cache (posix_fadvise "
                        "DONTNEED, checked with fincore: source_cached_at_start_mb), so each reads it from disk; "
@@ -374,13 +390,15 @@ def main() -> None:
                        "would empty every user's cache on this shared machine, the tools' code included"),
         "mergekit": mk_note,
         "bequest_fixed_cost": fixed,
+        "bequest_startup": startup,
         "sizes": sizes,
         "goals": {f"{s['checkpoint']['bytes'] / 1e9:.1f}GB": s["goals"] for s in sizes},
         "note": "wall_s is the job alone; sync_s is the os.sync() right after it (its output reaching the disk), "
                 "reported apart. bequest's identity blocks write zeros for the new blocks' o_proj/down_proj where "
                 "mergekit's passthrough copies whole layers; 'bequest (interleave)' is the identical job. "
-                "bequest_fixed_cost is a whole `bequest grow` of a 1 MB checkpoint: Python, torch and transformers "
-                "start-up, planning, config and card.",
+                "bequest_fixed_cost is a whole `bequest grow` of a 1 MB checkpoint: start-up, planning, config and card; "
+                "bequest_startup is the CLI's imports for `bequest grow` alone, and which heavy libraries they load. "
+                "plan_s, write_s and probe_s are bequest's own clock (growth.json); the rest of wall_s is start-up.",
     }
     fig = figure(results)
     print(common.write("stream_growth", args.out_dir, results, fig))

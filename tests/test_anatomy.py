@@ -1,9 +1,10 @@
+import json
 from collections import Counter
 
 import pytest
 import transformers
 
-from bequest.anatomy import anatomy, make_config, supported
+from bequest.anatomy import FAMILIES, PlainConfig, anatomy, make_config, supported
 from bequest.errors import BequestError
 from conftest import CASES, tiny
 
@@ -62,3 +63,39 @@ def test_bad_shapes_are_refused():
         make_config("llama", layers=1, hidden=32, heads=4, kv_heads=3, vocab=100)
     with pytest.raises(BequestError, match="unknown family"):
         make_config("t5", layers=1, hidden=32, heads=4, vocab=100)
+
+
+# Settings that change which parameters a model has, or their shapes.
+VARIANTS = [{}, {"tie_word_embeddings": False}, {"tie_word_embeddings": True}, {"attention_bias": True},
+            {"mlp_bias": True}, {"n_inner": None}, {"type_vocab_size": 3}]
+
+
+@pytest.mark.parametrize("family,task", CASES)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={v}" for k, v in v.items()) or "plain")
+def test_parameters_from_the_config_alone_are_the_models(family, task, variant):
+    """Checking and growing a checkpoint know every parameter's name, shape and order from config.json alone,
+    without building a model; they must be the model's own (growth draws random numbers in that order)."""
+    import torch
+
+    from bequest.anatomy import AUTO_CLASSES
+
+    config = make_config(family, layers=2, hidden=32, heads=4, ffn=64, vocab=120, num_labels=3,
+                         **({"kv_heads": 2} if family in ("llama", "mistral", "qwen2") else {}), **variant)
+    with torch.device("meta"):
+        model = getattr(transformers, AUTO_CLASSES[task]).from_config(config)
+    expected = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    assert list(anatomy(config, task).parameters().items()) == expected
+    plain = PlainConfig(json.loads(config.to_json_string()))
+    assert list(anatomy(plain, task).parameters().items()) == expected
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_plain_config_reads_defaults_as_transformers_does(family):
+    """A config.json that leaves settings out: bequest's defaults are the transformers config class's."""
+    fam = FAMILIES[family]
+    cls = getattr(transformers, fam.config_class)
+    for settings in [{}, {fam.config_keys["hidden"]: 64, fam.config_keys["heads"]: 4}]:
+        plain, real = PlainConfig({"model_type": family, **settings}), cls(**settings)
+        for key in [*fam.defaults, "num_labels"]:
+            assert getattr(plain, key) == getattr(real, key), key
+        assert anatomy(plain).summary() == anatomy(real).summary()  # what bequest derives: KV heads, head size, FFN

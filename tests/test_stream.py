@@ -17,6 +17,7 @@ from bequest.errors import BequestError
 from bequest.grow import GrowSpec, grow, sharded
 from bequest.grow.command import GrowRecipe, grow_command
 from bequest.io import atomic_dir, load_model, parse_size, save_model, weight_files
+from conftest import CASES as CASES_ALL
 from test_grow import ODD, shape, trained
 
 SHARD = "20KB"  # tiny models still come in several shards
@@ -134,18 +135,83 @@ def test_command_writes_shards_and_skips_the_probe_when_told(tmp_path, capsys):
     transformers.AutoModelForCausalLM.from_pretrained(out)  # loads as any Hugging Face folder
 
 
-@pytest.mark.parametrize("family, task", [("gpt2", ""), ("llama", ""), ("bert", ""), ("roberta", "seq_cls")])
-def test_probe_reads_modules_from_the_shards_and_agrees_with_loaded_models(tmp_path, family, task):
+# Every family and head, and the settings the probe's numpy forward reads; a RoPE kind it does not do
+# (linear scaling) sends the probe to transformers' own modules.
+PROBED = [(fam, task, {}) for fam, task in CASES_ALL] + [
+    ("gpt2", "seq_cls", {"pad_token_id": 0}),
+    ("gpt2", "causal_lm", {"scale_attn_by_inverse_layer_idx": True, "activation_function": "relu"}),
+    ("llama", "causal_lm", {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True}),
+    ("qwen2", "seq_cls", {"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}, "pad_token_id": 3}),
+    ("bert", "masked_lm", {"hidden_act": "gelu_new", "tie_word_embeddings": False}),
+    ("llama", "causal_lm", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}),
+]
+
+
+@pytest.mark.parametrize("family, task, config", PROBED, ids=[f"{f}-{t}-{','.join(c)}" for f, t, c in PROBED])
+def test_probe_reads_modules_from_the_shards_and_agrees_with_loaded_models(tmp_path, monkeypatch, family, task, config):
     """The probe is on at every size because it never holds a model: module by module from the shards,
     it must measure what the loaded models measure (noise makes the change non-zero)."""
-    from bequest.grow import max_abs_logit_change
+    from bequest.grow import max_abs_logit_change, probe
     from bequest.grow.probe import probe_ids
 
-    src = save(tmp_path / "src", trained(family, task))
+    by_transformers = []
+    monkeypatch.setattr(probe, "folder_outputs", lambda *a, real=probe.folder_outputs: by_transformers.append(1) or real(*a))
+    src = save(tmp_path / "src", trained(family, task, **config))
     report = grow_command(GrowRecipe(src=str(src), out=str(tmp_path / "g"), layers=3, noise=0.02, shard_size="20KB"))
     old, new = load_model(src)[0], load_model(tmp_path / "g")[0]
     loaded = max_abs_logit_change(old, new, probe_ids(old))
     assert report["max_abs_logit_change"] == pytest.approx(loaded, rel=1e-4, abs=1e-6) and loaded > 1e-4
+    assert bool(by_transformers) == ("linear" in str(config))
+
+
+def test_probe_takes_copied_blocks_only_when_their_bytes_on_disk_match(tmp_path, monkeypatch):
+    """A depth growth's copied blocks are not run again: the probe compares their written bytes with the
+    source block's and takes its output. A block whose bytes on disk differ is run, and measured."""
+    from safetensors.torch import save_file
+
+    from bequest.grow.forward import Model
+    from bequest.grow.probe import probe_folders, probe_ids
+    from bequest.io import read_config
+
+    src = save(tmp_path / "src", trained("llama"))
+    out = tmp_path / "deep"
+    with atomic_dir(out) as folder:  # blocks: 0, a new one, 1, a new one; in one file
+        sharded.write(sharded.plan(src, GrowSpec(layers=4), shard_size=10**9), folder, progress=False)
+    ran, real = [], Model.block
+    monkeypatch.setattr(Model, "block", lambda self, h, i, keep=False: ran.append((self.layers, i)) or real(self, h, i, keep))
+    ids = probe_ids(read_config(src))
+    assert probe_folders(src, out, ids) == 0
+    assert sorted(ran) == [(2, 0), (2, 1), (4, 1), (4, 3)]  # the source's blocks and the two new ones
+    grown = tensors(out)
+    grown["model.layers.2.mlp.up_proj.weight"] *= 1.5  # block 2 is source block 1's copy
+    save_file(grown, str(out / "model.safetensors"), metadata={"format": "pt"})
+    ran.clear()
+    assert probe_folders(src, out, ids) > 1e-3 and (4, 2) in ran
+
+
+LIGHT = """
+import sys
+from pathlib import Path
+from bequest.grow import GrowSpec, sharded
+from bequest.grow.probe import probe_folders, probe_ids
+from bequest.io import atomic_dir
+
+src, out = map(Path, sys.argv[1:])
+plan = sharded.plan(src, GrowSpec(layers=5))
+with atomic_dir(out) as folder:
+    sharded.write(plan, folder, progress=False)
+print(probe_folders(src, out, probe_ids(plan.anat.config)))
+print(sorted(m for m in ("torch", "transformers") if m in sys.modules))
+"""
+
+
+def test_depth_growth_and_its_probe_import_neither_torch_nor_transformers(tmp_path):
+    """Their imports take longer than growing a 2 GB checkpoint: planning reads config.json and the headers,
+    copying moves bytes, the probe runs numpy."""
+    src = save(tmp_path / "src", trained("llama"))
+    r = subprocess.run([sys.executable, "-c", LIGHT, str(src), str(tmp_path / "out")], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert r.stdout.splitlines() == ["0.0", "[]"], r.stderr[-2000:]
 
 
 def test_full_disk_is_refused_up_front(tmp_path, monkeypatch):

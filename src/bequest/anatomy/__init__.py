@@ -2,18 +2,23 @@
 
 Operators speak roles (`embed.token`, `layer.3.attn.q.weight`, `final_norm.weight`, ...) and ask the
 anatomy for shapes and facts; only `families.py` knows a family's tensor names.
+
+An anatomy works from a transformers config or from config.json read as plain data (`PlainConfig`):
+it knows every parameter's name and shape from the config alone, so checking or growing a checkpoint
+needs neither transformers' model code nor torch (transformers is imported only to build models).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterable, NamedTuple
+from typing import TYPE_CHECKING, Iterable, NamedTuple
 
-import transformers
-
-from bequest.anatomy.families import FAMILIES, Family
+from bequest.anatomy.families import FAMILIES, SHAPES, Family
 from bequest.errors import BequestError
+
+if TYPE_CHECKING:
+    import transformers
 
 # The suffix of config.architectures[0] says which head a checkpoint carries.
 _TASK_SUFFIXES = (
@@ -51,6 +56,27 @@ def supported() -> list[str]:
     return sorted(FAMILIES)
 
 
+class PlainConfig:
+    """A config.json as read, without transformers: its settings as attributes, like a transformers
+    config's, and the family's defaults (`Family.defaults`) for the settings it leaves out."""
+
+    def __init__(self, settings: dict):
+        self.__dict__.update(settings)
+
+    def __getattr__(self, name: str):  # only for settings the file does not have
+        fam = next((f for f in FAMILIES.values() if self.__dict__.get("model_type") in f.model_types), None)
+        if fam is None or name not in fam.defaults:
+            raise AttributeError(name)
+        return fam.defaults[name]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.__dict__.get("id2label") or {}) or 2  # transformers' default: two labels
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
 def family_of(config) -> Family:
     model_type = getattr(config, "model_type", None)
     for fam in FAMILIES.values():
@@ -72,7 +98,7 @@ def task_of(config) -> str:
 @dataclass
 class Anatomy:
     family: Family
-    config: transformers.PretrainedConfig
+    config: transformers.PretrainedConfig | PlainConfig
     task: str
 
     def _get(self, key: str, default=None):
@@ -156,6 +182,50 @@ class Anatomy:
             add(path, role, None, ("",))
         return table
 
+    def size(self, name: str) -> int:
+        """One of the shape names of `families.SHAPES`."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        sizes = {"hidden": self.hidden, "ffn": self.ffn, "vocab": self.vocab, "positions": self.positions,
+                 "q": q, "kv": kv, "qkv": q + 2 * kv}
+        if name == "types":
+            return self.config.type_vocab_size
+        if name == "labels":
+            return self.config.num_labels
+        return sizes[name]
+
+    def parameters(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter of this model (a tied one once, under its owner's name) with its shape, in the
+        model's parameter order; from the config alone."""
+        fam, out = self.family, {}
+        inner = "" if self.task == "base" else fam.base_prefix + "."
+        kept = fam.tasks[self.task]
+
+        def add(key: str, path: str, layer: int | None):
+            role, _, kind = key.rpartition(".")
+            if kind in ("weight", "bias"):  # one parameter, not a module
+                out[path] = tuple(self.size(n) for n in SHAPES[role][: 1 if kind == "bias" else None])
+                return
+            if key == "lm_head" and self.tied:  # the token embedding
+                return
+            dims = tuple(self.size(n) for n in SHAPES[key])
+            out[path + ".weight"] = dims[::-1] if fam.conv1d and layer is not None and len(dims) == 2 else dims
+            bias = fam.biases.get(key, False)
+            if bias is True or (bias and getattr(self.config, bias, False)):
+                out[path + ".bias"] = dims[:1]
+
+        for key, path in fam.embed.items():
+            add(key, inner + path, None)
+        for i in range(self.layers):
+            for key, path in fam.layer.items():
+                add(key, f"{inner}{fam.layer_path.format(i=i)}.{path}", i)
+        for key, path in fam.final.items():
+            if key in kept:
+                add(key, inner + path, None)
+        for key, path in fam.heads.items():
+            if key in kept:
+                add(key, path, None)
+        return out
+
     def slots(self, names: Iterable[str]) -> dict[str, Slot]:
         """Map parameter names to slots; an unknown name is an error, not a silent skip."""
         out = {}
@@ -220,6 +290,8 @@ def make_config(
     **extra,
 ) -> transformers.PretrainedConfig:
     """A fresh config of `family` in bequest's shape names; `extra` goes to the config as is."""
+    import transformers
+
     if family not in FAMILIES:
         raise BequestError(f"unknown family {family!r}; bequest supports: {', '.join(supported())}")
     fam = FAMILIES[family]
@@ -251,6 +323,8 @@ def make_config(
 
 def build_model(config, task: str):
     """A randomly initialised model of `config` with the `task` head."""
+    import transformers
+
     auto = getattr(transformers, AUTO_CLASSES[task])
     model = auto.from_config(config)
     model.config.architectures = [type(model).__name__]

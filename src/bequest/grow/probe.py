@@ -1,8 +1,12 @@
 """How far a grown model's function moved: max |Δ logits| against its source on a fixed probe batch.
 
-On saved models the probe never holds a model: each is built without weights and every module reads
-its own from the shards just before it runs and drops them right after, so the probe costs the memory
-of the largest module (in fp32), whatever the size of the checkpoint.
+On saved models the probe never holds a model. Both run side by side on the probe batch, module by
+module, each weight read from the shards just before it is used (grow/forward.py: numpy, so neither
+torch nor transformers' model code is imported). A block of the grown model that holds the very bytes
+of the source block just run, and gets the very input that block got, has that block's output: the
+probe compares the bytes in full and takes the output instead of computing it again (depth growth's
+copied blocks). For configs the numpy forward does not cover, transformers' own modules run instead,
+one at a time from the shards as well.
 """
 
 from __future__ import annotations
@@ -14,40 +18,69 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from bequest.anatomy import anatomy, build_model, task_of
 from bequest.errors import BequestError
+from bequest.grow.forward import Model, one_blas_thread
 from bequest.io import TensorReader, load_config, stored_tensors, weight_files
 
 PROBE = (2, 16)  # sequences x tokens of the fixed probe batch
 
 
-def probe_folders(src: Path, grown: Path, ids: torch.Tensor) -> float:
+def probe_folders(src: Path, grown: Path, ids: np.ndarray) -> float:
     """max |Δ outputs| of two saved models on `ids`, module by module from their shards."""
-    return worst_change(folder_outputs(src, ids), folder_outputs(grown, ids))
+    with contextlib.ExitStack() as stack:
+        old, new = Model(src, ids, stack), Model(grown, ids, stack)
+        if old.unsupported() or new.unsupported():
+            return worst_change(folder_outputs(src, ids), folder_outputs(grown, ids))
+        with one_blas_thread():
+            return worst_change(*side_by_side(old, new))
 
 
-@torch.no_grad()
-def max_abs_logit_change(old, new, probe_ids: torch.Tensor) -> float:
+def side_by_side(old: Model, new: Model) -> tuple[list, list]:
+    """The outputs of both models, block by block. Before each grown block, the source runs its next block
+    (keeping its bytes) if that block gets the input the grown one gets; a grown block with the bytes and
+    the input of the source block run last takes its output."""
+    h_old, h_new = old.embed(), new.embed()
+    i, last = 0, None  # the next source block; the source block run last: (index, input, output)
+    for j in range(new.layers):
+        if (last is None or not np.array_equal(last[1], h_new)) and i < old.layers and np.array_equal(h_old, h_new):
+            last = (i, h_old, old.block(h_old, i, keep=True))
+            h_old, i = last[2], i + 1
+        if last is not None and np.array_equal(last[1], h_new) and new.same_block(j, old, last[0]):
+            h_new = last[2]
+        else:
+            h_new = new.block(h_new, j)
+    for i in range(i, old.layers):
+        h_old = old.block(h_old, i)
+    return old.outputs(h_old), new.outputs(h_new)
+
+
+def max_abs_logit_change(old, new, probe_ids) -> float:
     """max |logits_new - logits_old| over `probe_ids`, in eval mode, one sequence at a time
     (sequence classifiers without a pad token refuse batches). Models without a head compare their
     last hidden states on the old model's coordinates."""
+    import torch
+
     modes = old.training, new.training
     old.eval()
     new.eval()
     try:
-        rows = probe_ids.to(next(old.parameters()).device)
-        return worst_change([_outputs(old, r[None]).float() for r in rows], [_outputs(new, r[None]).float() for r in rows])
+        with torch.no_grad():
+            rows = torch.as_tensor(probe_ids).to(next(old.parameters()).device)
+            return worst_change([_outputs(old, r[None]).float() for r in rows],
+                                [_outputs(new, r[None]).float() for r in rows])
     finally:
         old.train(modes[0])
         new.train(modes[1])
 
 
-def worst_change(old: list[torch.Tensor], new: list[torch.Tensor]) -> float:
+def worst_change(old: list, new: list) -> float:
+    """max |a - b| over pairs of outputs (torch or numpy), b on a's coordinates."""
     worst = 0.0
     for a, b in zip(old, new):
-        change = (a - b[..., : a.shape[-1]]).abs().max().item()
+        change = float(abs(a - b[..., : a.shape[-1]]).max())
         if not math.isfinite(change):  # max() would keep the old value past a NaN
             raise BequestError("the grown model's outputs are not finite on the probe; its weights are broken "
                                "(a noise std too large for the checkpoint's dtype?)")
@@ -55,21 +88,24 @@ def worst_change(old: list[torch.Tensor], new: list[torch.Tensor]) -> float:
     return worst
 
 
-def probe_ids(model_or_config, seed: int = 0) -> torch.Tensor:
-    """A fixed batch of random token ids that fits the model's vocabulary and positions."""
+def probe_ids(model_or_config, seed: int = 0) -> np.ndarray:
+    """A fixed batch of random token ids that fits the model's vocabulary and positions: torch's
+    randint(0, vocab) under manual_seed(seed), drawn from the same Mersenne Twister without torch."""
     anat = anatomy(model_or_config)
     length = PROBE[1]
     if anat.positions:
         length = min(length, anat.usable_positions)
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, anat.vocab, (PROBE[0], length), generator=g)
+    draws = np.random.RandomState(seed).randint(0, 2**32, size=PROBE[0] * length, dtype=np.uint64)
+    return (draws % anat.vocab).astype(np.int64).reshape(PROBE[0], length)
 
 
-@torch.no_grad()
-def folder_outputs(folder: Path, ids: torch.Tensor) -> list[torch.Tensor]:
-    """The outputs of a saved model on each row of `ids` (fp32), its weights read one module at a time."""
+def folder_outputs(folder: Path, ids) -> list:
+    """The outputs of a saved model on each row of `ids` (fp32) by transformers' modules, its weights read
+    one module at a time: the probe's way for configs the numpy forward does not cover."""
+    import torch
     from accelerate import init_empty_weights
 
+    ids = torch.as_tensor(ids)
     config = load_config(folder)
     task = task_of(config)
     with init_empty_weights(include_buffers=False), warnings.catch_warnings():
@@ -90,7 +126,7 @@ def folder_outputs(folder: Path, ids: torch.Tensor) -> list[torch.Tensor]:
             if not held:
                 raise BequestError(f"{folder}: no tensor for {aliases[id(p)][0]}; the checkpoint is incomplete")
             where[(id(module), local)] = held[0]
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack, torch.no_grad():
         reader = TensorReader(stack)
 
         def load(module, _args):

@@ -12,19 +12,23 @@ kernel (sendfile), or zeros, which a pre-sized shard already holds.
 Tensors keep their source dtype. Arithmetic runs in fp32 as in memory and is rounded once on write:
 an fp32 checkpoint gives the in-memory path's tensors bit for bit; a bf16 or fp16 one gives them
 rounded to that dtype (tensors that are only copied stay bit-exact).
+
+Neither the plan nor the copying needs torch or transformers (the anatomy knows every parameter from
+the config; the grown config.json is the source's with new sizes): torch is imported only when a
+tensor has to be computed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
+import sys
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 
-import torch
-
-from bequest.anatomy import Anatomy, anatomy, build_model
+from bequest.anatomy import Anatomy, anatomy
 from bequest.errors import BequestError
 from bequest.grow.depth import DEPTH, WRITERS, moved, new_blocks
 from bequest.grow.maps import growth_maps
@@ -33,8 +37,8 @@ from bequest.grow.spec import GrowSpec, target_shape
 from bequest.grow.state import QKV, from_roles, grown_config, join_key, split_key, to_roles
 from bequest.grow.width import WIDTH, WidthOperator, eps_factor, expand_options, is_pooled
 from bequest.io import (
-    DTYPES, StoredTensor, TensorReader, check_checkpoint, create_file, encode_header, load_config, pwrite, shard_names,
-    stored_tensors, weight_files, write_index,
+    DTYPES, StoredTensor, TensorReader, check_checkpoint, create_file, encode_header, pwrite, read_config, shard_names,
+    stored_tensors, torch_dtype, weight_files, write_index,
 )
 
 TOKENIZER_FILES = (
@@ -61,7 +65,7 @@ class Output:
 
     @property
     def nbytes(self) -> int:
-        return prod(self.shape) * DTYPES[self.dtype].itemsize
+        return prod(self.shape) * DTYPES[self.dtype].size
 
 
 @dataclass
@@ -127,12 +131,6 @@ def _sources(path: Path, anat: Anatomy) -> dict[str, StoredTensor]:
     return found
 
 
-def _skeleton(config, task: str):
-    """A model without memory: its parameters' names, order and shapes."""
-    with torch.device("meta"):
-        return build_model(config, task)
-
-
 def _identity(spaces: dict) -> bool:
     return all(sp.units == list(range(len(sp.units))) for sp in spaces.values())
 
@@ -141,7 +139,7 @@ def plan(src: str | Path, spec: GrowSpec, shard_size: int = 2 * 10**9) -> Plan:
     """Everything `write` needs to grow the checkpoint in `src` as `spec` asks, from config.json and
     the tensor headers; no weight is read. Outputs are cut into shards of at most `shard_size` bytes."""
     src = Path(src)
-    config = load_config(src)
+    config = read_config(src)
     anat = anatomy(config)
     target = target_shape(anat, spec)
     stack = DEPTH[spec.depth](anat.layers, target["layers"], spec.placement)
@@ -154,16 +152,15 @@ def plan(src: str | Path, spec: GrowSpec, shard_size: int = 2 * 10**9) -> Plan:
     new_config = grown_config(anat, shape, eps_factor(spaces), [s for s, _ in stack])
 
     # Source order = the in-memory path's parameter order, in which width operators draw randoms.
-    old_params = dict(_skeleton(config, anat.task).named_parameters())
+    old_params = anat.parameters()
     units = {}
     for name, slot in anat.slots(old_params).items():
         if str(slot) not in found:
             raise BequestError(f"{src}: no tensor for {name}; the checkpoint is incomplete, re-save or re-download it")
         units[str(slot)] = Unit(found[str(slot)], _role_keys(slot.layer, slot.role, slot.kind))
 
-    new_model = _skeleton(new_config, anat.task)
-    new_params = dict(new_model.named_parameters())
-    new_anat = anatomy(new_model, anat.task)
+    new_anat = anatomy(new_config, anat.task)
+    new_params = new_anat.parameters()
     plain = _identity(spaces)
     noisy = new_blocks(stack) if spec.noise else set()
     scale = anat.inverse_layer_scale
@@ -178,7 +175,7 @@ def plan(src: str | Path, spec: GrowSpec, shard_size: int = 2 * 10**9) -> Plan:
             how = "zeros"
         else:
             how = "copy"
-        out = Output(name, tuple(new_params[name].shape), unit.source.dtype, _role_keys(j, role, slot.kind), how)
+        out = Output(name, new_params[name], unit.source.dtype, _role_keys(j, role, slot.kind), how)
         if how == "copy" and out.shape != unit.source.shape:  # a bug in this module, never a user error
             raise BequestError(f"internal: {name} would copy {unit.source.name} of another shape; please report this")
         unit.outputs.append(out)
@@ -206,7 +203,7 @@ def _layout(outputs: list[Output], shard_size: int) -> list[list[Output]]:
         shards[-1].append(out)
         size += out.nbytes
     for i, shard in enumerate(shards):
-        shard.sort(key=lambda o: -DTYPES[o.dtype].itemsize)
+        shard.sort(key=lambda o: -DTYPES[o.dtype].size)
         offset = 0
         for out in shard:
             out.shard, out.offset = i, offset
@@ -231,8 +228,8 @@ def _widen(p: Plan, unit: Unit, read, gen) -> tuple[dict, dict]:
     return state, {k: t.shape for k, t in old.items()}
 
 
-def _finish(p: Plan, out: Output, state: dict, old_shapes: dict) -> torch.Tensor:
-    """`out` from its source's widened role tensors: moved to its block, noised, re-fused, cast."""
+def _finish(p: Plan, out: Output, state: dict, old_shapes: dict):
+    """The bytes of `out` from its source's widened role tensors: moved to its block, noised, re-fused, cast."""
     grown = {}
     for key in out.keys:
         j, role, kind = split_key(key)
@@ -245,17 +242,20 @@ def _finish(p: Plan, out: Output, state: dict, old_shapes: dict) -> torch.Tensor
     if tuple(t.shape) != out.shape:
         raise BequestError(f"internal: grown {out.name} is {tuple(t.shape)}, planned {out.shape}; please report this")
     cause = f"--noise {p.spec.noise:g} in {out.dtype}" if p.spec.noise else f"casting to {out.dtype}"
-    return finite(out.name, t.to(DTYPES[out.dtype]), cause).contiguous()  # fp16's range is small
+    t = finite(out.name, t.to(torch_dtype(out.dtype)), cause).contiguous()  # fp16's range is small
+    return t.view(-1).view(torch_dtype("U8")).numpy()
 
 
 @contextlib.contextmanager
 def _progress(total: int, show: bool):
+    if not (show and sys.stderr.isatty()):  # nobody to see a bar: rich is not even imported
+        yield lambda n: None
+        return
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    console = Console(stderr=True)
     columns = (TextColumn("growing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not (show and console.is_terminal)) as bar:
+    with Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task("grow", total=total)
         yield lambda n: bar.advance(task, n)
 
@@ -270,8 +270,8 @@ def write(p: Plan, folder: Path, progress: bool = True) -> None:
             fds.append(create_file(folder / name, header, sum(o.nbytes for o in shard), stack))
             bases.append(len(header))
         reader = TensorReader(stack)
-        gen = torch.Generator().manual_seed(p.spec.seed)
         plain = _identity(p.spaces)
+        gen = None if plain else _generator(p.spec.seed)
         with _progress(p.nbytes, progress) as advance:
             for i, unit in enumerate(p.units):
                 if i + 1 < len(p.units):
@@ -285,7 +285,7 @@ def write(p: Plan, folder: Path, progress: bool = True) -> None:
                         reader.copy(unit.source, fd, pos)
                     elif out.how == "compute":  # ("zeros" need nothing: the shard was sized with zeros)
                         widened = widened or _widen(p, unit, reader.tensor, gen)
-                        pwrite(fd, _finish(p, out, *widened).view(-1).view(torch.uint8).numpy(), pos)
+                        pwrite(fd, _finish(p, out, *widened), pos)
                     advance(out.nbytes)
     if len(p.shards) > 1:
         weight_map = {o.name: p.files[o.shard] for shard in p.shards for o in shard}
@@ -293,14 +293,22 @@ def write(p: Plan, folder: Path, progress: bool = True) -> None:
     _write_config(p, folder)
 
 
+def _generator(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
 def _write_config(p: Plan, folder: Path) -> None:
-    config = p.new_anat.config
+    """The source's config.json with the grown sizes, written as transformers writes it."""
     by_dtype = {}
     for shard in p.shards:
         for o in shard:
             by_dtype[o.dtype] = by_dtype.get(o.dtype, 0) + o.nbytes
-    config.dtype = DTYPES[max(by_dtype, key=by_dtype.get)]  # what from_pretrained(dtype="auto") loads
-    config.save_pretrained(folder)
+    settings = p.new_anat.config.to_dict()
+    settings.pop("torch_dtype", None)  # dtype's old name
+    settings["dtype"] = DTYPES[max(by_dtype, key=by_dtype.get)].name  # what from_pretrained(dtype="auto") loads
+    (folder / "config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     generation = p.src / "generation_config.json"
     if generation.exists():  # sampling defaults belong to the checkpoint, not its size
         shutil.copy2(generation, folder / generation.name)

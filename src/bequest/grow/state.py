@@ -2,16 +2,19 @@
 
 Every operator sees `{"layer.3.attn.q.weight": tensor}` with linear weights as [out, in] and the fused
 QKV split into `attn.q/k/v`, whatever the family stores. Only this module converts back and forth.
+(torch is imported where tensors are: keys and configs, all that planning a growth needs, go without.)
 """
 
 from __future__ import annotations
 
 import copy
-
-import torch
+from typing import TYPE_CHECKING
 
 from bequest.anatomy import Anatomy, anatomy, build_model
 from bequest.errors import BequestError
+
+if TYPE_CHECKING:
+    import torch
 
 QKV = ("attn.q", "attn.k", "attn.v")  # the roles a fused attn.qkv tensor is split into
 
@@ -32,6 +35,8 @@ def join_key(layer: int | None, role: str, kind: str) -> str:
 
 def to_roles(named: dict[str, torch.Tensor], anat: Anatomy) -> dict[str, torch.Tensor]:
     """HF-named tensors -> canonical role state (fp32 CPU copies; the caller's tensors are untouched)."""
+    import torch
+
     fam = anat.family
     state = {}
     for name, slot in anat.slots(named).items():
@@ -49,6 +54,8 @@ def to_roles(named: dict[str, torch.Tensor], anat: Anatomy) -> dict[str, torch.T
 
 def from_roles(state: dict[str, torch.Tensor], anat: Anatomy, names) -> dict[str, torch.Tensor]:
     """Canonical role state -> tensors under the HF `names` of a model with anatomy `anat`."""
+    import torch
+
     fam = anat.family
     out = {}
     for key, name in anat.names(names).items():
@@ -80,6 +87,8 @@ def grown_config(anat: Anatomy, shape: dict, eps_factor: float, sources: list[in
 def build_grown(anat: Anatomy, config, state: dict[str, torch.Tensor], like: torch.Tensor):
     """A fresh model of `config` with the role state copied in, on the device and in the dtype of
     `like` (a source parameter); every parameter must be covered."""
+    import torch
+
     model = build_model(config, anat.task)
     params = dict(model.named_parameters())
     named = from_roles(state, anatomy(model, anat.task), params)

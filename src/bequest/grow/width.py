@@ -7,7 +7,8 @@ coordinates) or READS one (its entries consume them). Copies follow Net2Net: wri
 divide by the copy count. Fresh units follow the space's fill rules (see `Exact`).
 
 An operator (`WIDTH`, a `WidthOperator`) picks the spaces once per model and expands one role tensor
-at a time, so the in-memory and the sharded path run the very same code.
+at a time, so the in-memory and the sharded path run the very same code. torch is imported by the
+functions that touch tensors: picking the spaces (all that planning a growth needs) never pays for it.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from bequest.anatomy import Anatomy
 from bequest.errors import BequestError
 from bequest.grow.state import join_key, split_key
+
+if TYPE_CHECKING:
+    import torch
 
 WRITE, READ, NORM = "write", "read", "norm"
 
@@ -59,12 +62,16 @@ class Space:
 
     def counts(self) -> torch.Tensor:
         """Per new entry, how many new entries copy its source (1 for fresh ones)."""
+        import torch
+
         src = self.entries()
         n = Counter(src)
         return torch.tensor([1.0 if s is None else float(n[s]) for s in src])
 
     def later(self) -> torch.Tensor:
         """Per new entry: fresh, or a second (third, ...) copy of its source."""
+        import torch
+
         seen, out = set(), []
         for s in self.entries():
             out.append(s is None or s in seen)
@@ -88,6 +95,8 @@ def is_pooled(state) -> bool:
 
 def gather(t: torch.Tensor, ax: tuple, spaces: dict[str, Space]) -> torch.Tensor:
     """Index every mapped dimension by its space; fresh entries are 0 (optimizer moments use this)."""
+    import torch
+
     for dim, a in enumerate(ax):
         if a is not None:
             src = spaces[a[0]].entries()
@@ -99,6 +108,8 @@ def gather(t: torch.Tensor, ax: tuple, spaces: dict[str, Space]) -> torch.Tensor
 
 def later_mask(shape, ax: tuple, spaces: dict[str, Space]) -> torch.Tensor:
     """True where any index is a fresh unit or a later copy: the part AKI takes from the next layer."""
+    import torch
+
     mask = torch.zeros(shape, dtype=torch.bool)
     for dim, a in enumerate(ax):
         if a is not None:
@@ -109,6 +120,8 @@ def later_mask(shape, ax: tuple, spaces: dict[str, Space]) -> torch.Tensor:
 
 
 def _fill(t, dim, old, n, rule, kind, gen, std):
+    import torch
+
     shape = list(t.shape)
     shape[dim] = n
     if rule == "mean":
@@ -119,6 +132,8 @@ def _fill(t, dim, old, n, rule, kind, gen, std):
 
 
 def _norm(t: torch.Tensor, sp: Space, kind: str, divide: bool) -> torch.Tensor:
+    import torch
+
     src = sp.entries()
     t = t[torch.tensor([s or 0 for s in src])]
     fresh = torch.tensor([s is None for s in src])
@@ -135,6 +150,8 @@ def _norm(t: torch.Tensor, sp: Space, kind: str, divide: bool) -> torch.Tensor:
 
 
 def expand(key: str, t: torch.Tensor, spaces: dict[str, Space], gen, std: float, pooled: bool, tied: bool):
+    import torch
+
     _, role, kind = split_key(key)
     if role in NORMS:
         # A tied lm_head is the token embedding, a writer that copies; it cannot also divide as a
@@ -274,6 +291,8 @@ class AKI(FPI):
         return None if source in (None, layer) else join_key(source, role, kind)
 
     def expand(self, key, t, spaces, gen, options, donor=None):
+        import torch
+
         t = super().expand(key, t, spaces, gen, options)
         if donor is None:
             return t

@@ -9,12 +9,12 @@
 
 from bequest.io.folders import atomic_dir, check_output, hold, let_go, make_dir, partial_dir
 from bequest.io.models import (
-    check_checkpoint, check_model, load_config, load_lm, load_model, load_tokenizer, model_card, read_lineage, reference, save_model,
-    save_recipe, save_tokenizer, write_card, write_model,
+    check_checkpoint, check_model, load_config, load_lm, load_model, load_tokenizer, model_card, read_config, read_lineage,
+    reference, save_model, save_recipe, save_tokenizer, write_card, write_model,
 )
 from bequest.io.safetensors import (
     DTYPES, MARGIN, UNITS, StoredTensor, TensorReader, check_disk, create_file, encode_header, parse_size, pwrite,
-    read_header, shard_names, stored_tensors, weight_files, write_index,
+    read_header, shard_names, stored_tensors, torch_dtype, weight_files, write_index,
 )
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "parse_size",
     "partial_dir",
     "pwrite",
+    "read_config",
     "read_header",
     "read_lineage",
     "reference",
@@ -49,6 +50,7 @@ __all__ = [
     "save_tokenizer",
     "shard_names",
     "stored_tensors",
+    "torch_dtype",
     "weight_files",
     "write_card",
     "write_index",

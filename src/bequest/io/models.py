@@ -1,23 +1,29 @@
 """Model folders in and out: every model and tokenizer bequest loads comes through here, checked
 against its config before any weight loads; every model folder it writes carries a lineage card.
+
+torch and transformers are imported by the functions that load with them: reading a config as plain
+data and checking a checkpoint against it (what planning a growth needs) take neither.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import transformers
 import yaml
 
 from bequest import __version__
-from bequest.anatomy import AUTO_CLASSES, anatomy, family_of, task_of
+from bequest.anatomy import AUTO_CLASSES, PlainConfig, anatomy, family_of, task_of
 from bequest.errors import BequestError
 from bequest.io.folders import atomic_dir
 from bequest.io.safetensors import read_header, weight_files
+
+if TYPE_CHECKING:
+    import transformers
 
 # Non-parameter tensors older checkpoints carry (causal masks, position ids, rotary caches).
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".position_ids", ".rotary_emb.inv_freq")
@@ -27,11 +33,9 @@ _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".position_ids", ".rotary
 
 
 def load_config(path: str | Path) -> transformers.PretrainedConfig:
-    path = Path(path)
-    if not path.is_dir():
-        raise BequestError(f"{path}: no such model folder")
-    if not (path / "config.json").exists():
-        raise BequestError(f"{path}: missing config.json; a model folder needs the config it was saved with")
+    import transformers
+
+    path = _config_file(path).parent
     try:
         config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - whatever transformers makes of a broken file, it is the file's fault
@@ -39,6 +43,30 @@ def load_config(path: str | Path) -> transformers.PretrainedConfig:
         raise BequestError(f"{path / 'config.json'}: unreadable config ({reason}); fix or re-save it") from None
     _check_shape(config, path / "config.json")
     return config
+
+
+def read_config(path: str | Path) -> PlainConfig:
+    """config.json as plain data, checked as `load_config` checks it; for work that builds no model
+    (planning a growth, checking a checkpoint), without transformers' seconds of imports."""
+    file = _config_file(path)
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(settings, dict):
+            raise ValueError("not a table of settings")
+    except (OSError, ValueError) as e:
+        raise BequestError(f"{file}: unreadable config ({str(e).splitlines()[0]}); fix or re-save it") from None
+    config = PlainConfig(settings)
+    _check_shape(config, file)
+    return config
+
+
+def _config_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise BequestError(f"{path}: no such model folder")
+    if not (path / "config.json").exists():
+        raise BequestError(f"{path}: missing config.json; a model folder needs the config it was saved with")
+    return path / "config.json"
 
 
 REQUIRED = ("hidden", "layers", "heads", "vocab")  # shape settings every supported family states
@@ -67,8 +95,9 @@ def check_checkpoint(path: Path, config, task: str) -> dict[str, dict]:
 
     Returns the parameter tensors' headers (name -> dtype, shape, offsets), buffers left out.
     """
-    anat, params = _skeleton(config, task)
-    expected = {str(slot): tuple(params[n].shape) for n, slot in anat.slots(params).items()}
+    anat = anatomy(config, task)
+    params = anat.parameters()
+    expected = {str(slot): params[n] for n, slot in anat.slots(params).items()}
     headers = {}
     for file in weight_files(path):
         for name, info in read_header(file).items():
@@ -86,7 +115,8 @@ def check_checkpoint(path: Path, config, task: str) -> dict[str, dict]:
                 )
             headers[name] = info
     own = task_of(config)  # a head the checkpoint never had (a classifier on an LM) is new, not missing
-    own_anat, own_params = (anat, params) if own == task else _skeleton(config, own)
+    own_anat = anat if own == task else anatomy(config, own)
+    own_params = own_anat.parameters()
     found = {str(slot) for slot in anat.slots(headers).values()}
     missing = [(n, str(s)) for n, s in own_anat.slots(own_params).items() if str(s) not in found]
     if missing:
@@ -105,13 +135,6 @@ def check_model(path: str | Path) -> transformers.PretrainedConfig:
     return config
 
 
-def _skeleton(config, task: str):
-    """(anatomy, parameters) of a weightless model of `config` with the `task` head."""
-    with torch.device("meta"):
-        skeleton = getattr(transformers, AUTO_CLASSES[task]).from_config(config)
-    return anatomy(skeleton, task), dict(skeleton.named_parameters())
-
-
 def load_tokenizer(path: str | Path, required: str | None = None):
     """The tokenizer saved beside a model; None without one, or an error naming `required`'s need."""
     path = Path(path)
@@ -119,6 +142,8 @@ def load_tokenizer(path: str | Path, required: str | None = None):
         if required:
             raise BequestError(f"{path} has no tokenizer.json; {required} needs it, save it beside the model")
         return None
+    import transformers
+
     return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
@@ -129,6 +154,9 @@ def load_model(path: str | Path, task: str | None = None, *, num_labels: int | N
     `task` picks the head class (default: the checkpoint's own). A head the checkpoint lacks (a
     classifier on an LM) is new: it is seeded with `seed` and transformers' note about it is not news.
     """
+    import torch
+    import transformers
+
     path = Path(path)
     config = load_config(path)
     own = task_of(config)

@@ -2,19 +2,21 @@
 read and written one at a time at their offsets (so a checkpoint never has to fit in memory).
 
 Nothing here unpickles: a folder that holds only pickle weights is refused with the way to convert it.
+Nothing here needs torch either, but turning bytes into a torch tensor (imported there, so that copying
+bytes never pays torch's import).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import NamedTuple
 
 from bequest.errors import BequestError
 
@@ -73,12 +75,23 @@ def weight_files(path: Path) -> list[Path]:
 
 # ---------------------------------------------------------------- sizes and disk
 
+class Dtype(NamedTuple):
+    size: int  # bytes per element
+    name: str  # torch's (and config.json's) name for it
+
+
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "F64": Dtype(8, "float64"), "F32": Dtype(4, "float32"), "F16": Dtype(2, "float16"), "BF16": Dtype(2, "bfloat16"),
+    "F8_E4M3": Dtype(1, "float8_e4m3fn"), "F8_E5M2": Dtype(1, "float8_e5m2"),
+    "I64": Dtype(8, "int64"), "I32": Dtype(4, "int32"), "I16": Dtype(2, "int16"), "I8": Dtype(1, "int8"),
+    "U8": Dtype(1, "uint8"), "BOOL": Dtype(1, "bool"),
 }
+
+
+def torch_dtype(code: str):
+    import torch
+
+    return getattr(torch, DTYPES[code].name)
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 MARGIN = 64 * 2**20  # bytes kept free beyond the shards: headers, config, tokenizer, card
@@ -138,9 +151,10 @@ def stored_tensors(file: Path) -> dict[str, StoredTensor]:
 
 
 class TensorReader:
-    """Source files opened once. Tensors are read into memory of their own rather than through an
-    mmap: pages of a long-lived mapping count as resident until it closes, so reading a whole
-    model through mmaps would look (and be accounted) as big as the model."""
+    """Source files opened once. Tensors are read into memory of their own, or mapped one at a time
+    (`mapped`) for a single pass over them, never through a long-lived mmap of a file: its pages count
+    as resident until it closes, so reading a whole model through one would look (and be accounted) as
+    big as the model."""
 
     def __init__(self, stack: contextlib.ExitStack):
         self.stack, self.fds = stack, {}
@@ -151,30 +165,50 @@ class TensorReader:
             self.stack.callback(os.close, self.fds[s.file])
         return self.fds[s.file]
 
-    def tensor(self, s: StoredTensor) -> torch.Tensor:
-        buf = torch.empty(s.nbytes, dtype=torch.uint8)
-        self._read(s, buf, 0)
-        return buf.view(DTYPES[s.dtype]).reshape(s.shape)  # safetensors is little-endian, as torch on x86/ARM
+    def tensor(self, s: StoredTensor):
+        """`s` as a torch tensor of its own dtype."""
+        import torch
 
-    def float32(self, s: StoredTensor, chunk: int = 2**24) -> torch.Tensor:
-        """`s` in fp32, converted a chunk at a time: never the stored copy and the fp32 one whole at once."""
+        buf = torch.empty(s.nbytes, dtype=torch.uint8)
+        self.read(s, buf.numpy(), 0)
+        return buf.view(torch_dtype(s.dtype)).reshape(s.shape)  # safetensors is little-endian, as torch on x86/ARM
+
+    def float32(self, s: StoredTensor, chunk: int = 2**24):
+        """`s` as an fp32 torch tensor, converted a chunk at a time: never the stored copy and the fp32 one
+        whole at once."""
+        import torch
+
         out = torch.empty(s.shape, dtype=torch.float32).view(-1)
-        size = DTYPES[s.dtype].itemsize
+        size = DTYPES[s.dtype].size
         buf = torch.empty(min(chunk - chunk % size, s.nbytes) or size, dtype=torch.uint8)
         for begin in range(0, s.nbytes, len(buf)):
             part = buf[: min(len(buf), s.nbytes - begin)]
-            self._read(s, part, begin)
-            out[begin // size : (begin + len(part)) // size] = part.view(DTYPES[s.dtype])
+            self.read(s, part.numpy(), begin)
+            out[begin // size : (begin + len(part)) // size] = part.view(torch_dtype(s.dtype))
         return out.view(s.shape)
 
-    def _read(self, s: StoredTensor, buf: torch.Tensor, begin: int) -> None:
-        """Bytes begin .. begin + len(buf) of `s` into `buf`."""
-        view, done = memoryview(buf.numpy()), 0
-        while done < len(buf):
+    def read(self, s: StoredTensor, buf, begin: int) -> None:
+        """Bytes begin .. begin + len(buf) of `s` into `buf` (any writable buffer of bytes)."""
+        view, done = memoryview(buf).cast("B"), 0
+        while done < len(view):
             n = os.preadv(self._fd(s), [view[done:]], s.start + begin + done)
             if n == 0:
                 _changed(s)
             done += n
+
+    def mapped(self, s: StoredTensor, whole: bool = True) -> memoryview:
+        """The bytes of `s` mapped from its file, not copied (a pass over them reads the page cache once,
+        where a read would copy it first); unmapped when the last view of them goes. `whole` maps every
+        page up front, else only the pages touched are read."""
+        if s.nbytes == 0:
+            return memoryview(b"")
+        begin = s.start - s.start % mmap.ALLOCATIONGRANULARITY
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if whole else 0)
+        try:
+            pages = mmap.mmap(self._fd(s), s.start + s.nbytes - begin, flags=flags, prot=mmap.PROT_READ, offset=begin)
+        except (OSError, ValueError):
+            _changed(s)  # the file is shorter than its header says now
+        return memoryview(pages)[s.start - begin :]
 
     def prefetch(self, s: StoredTensor) -> None:
         """Ask the kernel to start reading `s` now, so the disk works while the tensor before it is copied."""
