@@ -218,7 +218,9 @@ def inherit(r: InheritRecipe) -> dict:
     chain = r.generations is not None
     recipe = r.model_dump(exclude={"overwrite"})
     work = prepare_work(r.out, recipe, r.overwrite)
-    parent, summary, metrics = str(r.teacher), [], {}
+    # A student given as a folder is where its weights come from (a grown model, say): its parent, so the
+    # lineage runs through it; the teacher is named in the recipe.
+    parent, summary, metrics = str(r.student or r.teacher), [], {}
     for n, (g, family, shape) in enumerate(plan, start=2):
         folder = work / f"gen{n}" if chain else work
         done = folder / "eval.json"
