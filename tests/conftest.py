@@ -69,5 +69,5 @@ def demo_run(tmp_path_factory):
         os.chdir(before)
     assert first.exit_code != 0 and f"stopped after stage {STOP_AFTER}" in first.output, first.output
     assert second.exit_code == 0, second.output
-    return {"command": DEMO, "out": out, "first": first.output, "second": second.output, "stopped": stopped, "left": left,
-            "where": where}
+    return {"command": DEMO, "out": out, "first": first.output, "second": second.output, "stopped": stopped,
+            "left": left, "where": where}

@@ -22,6 +22,9 @@ from bequest.report.metrics import fmt, percent
 
 from conftest import STOP_AFTER, files_of
 
+# The first test here to ask for conftest.demo_run runs the session's quick demo in its setup.
+pytestmark = pytest.mark.timeout(900)
+
 
 def test_quick_demo_runs_every_stage(demo_run):
     out, said = demo_run["out"], demo_run["second"]
@@ -180,17 +183,17 @@ def verb_outputs(demo_run, tmp_path_factory):
 
     out, root = demo_run["out"], tmp_path_factory.mktemp("verbs")
     tiny = dict(steps=2, eval_every=1, save_every=100, warmup=0)
-    recycle(RecycleRecipe(old_base=str(out / G1), new_base=str(out / G1_NEXT), task_weights=str(out / ZOO / "kind-lora"),
-                          data="kind", out=str(root / "recycled"), max_len=24, train_examples=16, eval_examples=8,
-                          batch_size=4, **tiny), progress=False)
+    recycle(RecycleRecipe(old_base=str(out / G1), new_base=str(out / G1_NEXT), data="kind",
+                          task_weights=str(out / ZOO / "kind-lora"), out=str(root / "recycled"), max_len=24,
+                          train_examples=16, eval_examples=8, batch_size=4, **tiny), progress=False)
     lifelong(LifelongRecipe(out=str(root / "lifelong"), domains="text,data", method="naive", layers=1, hidden=32,
                             heads=2, vocab=500, seq_len=32, batch_size=2, eval_blocks=2, **tiny))
     inherit(InheritRecipe(out=str(root / "chain"), teacher=str(out / G1), generations="2x48", seq_len=32,
                           batch_size=2, eval_blocks=2, **tiny))
     return {"pretrain": out / G1, "continue-pretrain": out / G1_NEXT, "inherit": out / G2,
-            "finetune": out / ZOO / "kind-lora", "full finetune": out / ZOO / "arity-full", "upgrade": out / UPGRADED["upgrade"],
-            "learn": out / LEARN["migu"], "recycle": root / "recycled", "lifelong": root / "lifelong",
-            "inherit chain": root / "chain"}
+            "finetune": out / ZOO / "kind-lora", "full finetune": out / ZOO / "arity-full",
+            "upgrade": out / UPGRADED["upgrade"], "learn": out / LEARN["migu"], "recycle": root / "recycled",
+            "lifelong": root / "lifelong", "inherit chain": root / "chain"}
 
 
 SECTIONS = {"upgrade": "## Upgrade", "learn": "## Task stream", "lifelong": "## Domain stream",

@@ -4,6 +4,7 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -39,6 +40,7 @@ def test_ci_runs_the_readme_test_command():
     assert test_line in (ROOT / ".ci" / "run").read_text()
 
 
+@pytest.mark.timeout(900)  # may run the session's quick demo (conftest.demo_run) in its setup
 def test_readme_commands_run(tmp_path, monkeypatch, demo_run):
     monkeypatch.chdir(tmp_path)
     cmds = bequest_commands()

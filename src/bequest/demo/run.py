@@ -33,8 +33,8 @@ STOP = "BEQUEST_DEMO_STOP_AFTER"  # a stage number: stop there as a Ctrl-C would
 
 
 class DemoRecipe(OutputFields):
-    out: str = Field("bequest-demo", description="output folder: every stage's models, report.md and report.html; "
-                     "a rerun resumes there")
+    out: str = Field("bequest-demo", description="output folder (default: bequest-demo): every stage's models, "
+                     "report.md and report.html; a rerun resumes there")
     quick: bool = Field(False, description="tiny models and few steps (about a minute): a first look, and the tests")
 
 
@@ -167,8 +167,9 @@ def _name(task: str, kind: str | None) -> str:
 def planned(stage: str, s: Size) -> int:
     """Optimizer steps a stage takes (the display's total)."""
     moved = 2 * len(s.zoo) * s.upgrade  # every source and its fresh baseline
-    return {"pretrain": s.pretrain, "zoo": len(s.zoo) * s.tune, "continue": s.cont + moved, "grow": s.inherit + s.scratch,
-            "upgrade": moved, "learn": len(LEARN) * len(s.tasks) * s.learn, "lineage": 0}[stage]
+    return {"pretrain": s.pretrain, "zoo": len(s.zoo) * s.tune, "continue": s.cont + moved,
+            "grow": s.inherit + s.scratch, "upgrade": moved, "learn": len(LEARN) * len(s.tasks) * s.learn,
+            "lineage": 0}[stage]
 
 
 def _pretrain(run: Run) -> None:

@@ -172,7 +172,8 @@ def document(out: Path, name: str, figures: str) -> Doc:
                    [[f"{k}. {s}", what, line(s, found[s]) if s in found else "not run yet",
                      fmt(record["stages"][s]["seconds"]) if s in found else "—"]
                     for k, (s, what) in enumerate(STAGES.items(), 1)])
-    sections = [Section("Savings", [_savings(found)]), Section("Stages", [stages])]
+    savings = [_savings(found), *([_growth_chart(out, found["grow"], figures)] if "grow" in found else [])]
+    sections = [Section("Savings", savings), Section("Stages", [stages])]
     for k, s in enumerate(STAGES, 1):
         if s in found:
             sections.append(Section(f"{k}. {STAGES[s]}", [line(s, found[s]), *DETAILS[s](out, found[s], figures)]))
@@ -194,9 +195,9 @@ def _savings(found: dict) -> Table:
                 continue
             got, need = s["steps_to_best"], s["fresh_steps_to_best"]
             saved = "not reached" if got is None else "—" if not need else percent(1 - got / need)
-            rows_.append([f"{s['name']} onto {onto}: tuning steps to fresh tuning's best accuracy {fmt(s['fresh_best'])}",
-                          f"{s['path']}: {fmt(got) if got is not None else 'not reached'}", f"fresh: {fmt(need)}",
-                          saved])
+            rows_.append([f"{s['name']} onto {onto}: tuning steps to fresh tuning's best accuracy "
+                          f"{fmt(s['fresh_best'])}", f"{s['path']}: {fmt(got) if got is not None else 'not reached'}",
+                          f"fresh: {fmt(need)}", saved])
     if "learn" in found:
         m, q = found["learn"]["migu"], found["learn"]["seq"]
         delta = (f"{_signed(m['average_accuracy'] - q['average_accuracy'])} accuracy, "
@@ -237,12 +238,18 @@ def _upgrade_details(folder: Path, f: dict) -> list:
     return blocks
 
 
-def _grow_details(out: Path, f: dict, figures: str) -> list:
+def _growth_chart(out: Path, f: dict, figures: str) -> Figure:
+    """The headline saving as a picture: G2 (grown from G1, taught by it) against scratch, loss per FLOP."""
     lines = [plots.Line("growth + KI (G2)", series(rows(out / G2), "eval_loss", "flops"), plots.COLORS[0]),
              plots.Line("scratch", series(rows(out / SCRATCH), "eval_loss", "flops"), plots.COLORS[1])]
     marks = [] if f["flops_to_target"] is None else [("G2 reaches it", f["flops_to_target"])]
     drawn = plots.chart("validation loss against training compute", "training FLOPs", "validation loss", lines,
                         [("scratch's final loss", f["target"])], marks)
+    return Figure(f"{figures}/growth.svg", drawn,
+                  "validation loss against training FLOPs: G2 grown from G1 and taught by it, against scratch")
+
+
+def _grow_details(out: Path, f: dict, figures: str) -> list:
     table = [["max |Δ logits|, G2 as grown against G1", fmt(f["max_abs_logit_change"])],
              ["scratch's final validation loss (the target)", fmt(f["target"])],
              ["scratch's training FLOPs", fmt(f["scratch_flops"])],
@@ -250,9 +257,7 @@ def _grow_details(out: Path, f: dict, figures: str) -> list:
              ["the teacher's forward FLOPs until then", fmt(f["teacher_flops"])],
              ["G1's own pre-training FLOPs", fmt(f["g1_flops"])],
              [f"G2's final validation loss after {f['steps']} steps", fmt(f["g2_loss"])]]
-    return [Table(["figure", "value"], table),
-            Figure(f"{figures}/growth.svg", drawn,
-                   "validation loss against training FLOPs: G2 grown from G1 and taught by it, against scratch")]
+    return [Table(["figure", "value"], table), "Their loss against compute is the chart under Savings."]
 
 
 def _learn_details(out: Path, f: dict, figures: str) -> list:

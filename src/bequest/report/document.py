@@ -161,9 +161,12 @@ def learn_sections(folder: Path, figures: str) -> list[Section]:
     matrix, metrics = read_json(folder / "matrix.json"), read_json(folder / "metrics.json")
     tasks = matrix["tasks"]
     grid = [[f"after {t}", *map(fmt, row)] for t, row in zip(tasks, matrix["accuracy"])]
-    scores = [[k, fmt(metrics.get(k))] for k in ("average_accuracy", "bwt", "forgetting")]
+    scores = [[meaning, fmt(metrics.get(k))] for k, meaning in (("average_accuracy", "average accuracy (ACC)"),
+                                                               ("bwt", "backward transfer (BWT)"),
+                                                               ("forgetting", "forgetting"))]
     section = Section("Task stream", [f"`{metrics.get('method')}` through {', '.join(tasks)}: accuracy on every "
-                                      "task after each one.", Table(["", *tasks], grid), Table(["figure", "value"], scores)])
+                                      "task after each one.", Table(["", *tasks], grid),
+                                      Table(["figure", "value"], scores)])
     if (folder / "heatmap.png").is_file():
         section.blocks.append(Figure("heatmap.png", (folder / "heatmap.png").read_bytes(), "the accuracy matrix"))
     section.blocks += charts(figures, plots.curves(runs_under(folder / "tasks"), stream=True),

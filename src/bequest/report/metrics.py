@@ -31,7 +31,8 @@ def runs_under(folder: Path) -> list[tuple[str, list[dict]]]:
     or stages), in their order."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "metrics.jsonl").is_file()]
+    found = [p for p in folder.iterdir()
+             if p.is_dir() and not p.name.startswith(".") and (p / "metrics.jsonl").is_file()]
     found.sort(key=lambda p: (int(p.name.split("-")[0]) if p.name.split("-")[0].isdigit() else math.inf, p.name))
     return [(p.name, rows(p)) for p in found]
 

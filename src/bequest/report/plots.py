@@ -72,7 +72,8 @@ def chart(title: str, xlabel: str, ylabel: str, lines: list[Line], hlines: list[
                    f'<text x="{LEFT - 5}" y="{py(v) + 4:.1f}" text-anchor="end">{_label(v, step)}</text>')
     out.append(f'<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>')
     out.append(f'<text x="{LEFT + pw / 2}" y="{H - 6}" text-anchor="middle">{escape(xlabel)}</text>')
-    out.append(f'<text transform="translate(13 {TOP + ph / 2}) rotate(-90)" text-anchor="middle">{escape(ylabel)}</text>')
+    out.append(f'<text transform="translate(13 {TOP + ph / 2}) rotate(-90)" text-anchor="middle">'
+               f"{escape(ylabel)}</text>")
     legend = []
     for label, y in hlines:
         out.append(f'<line x1="{LEFT}" x2="{LEFT + pw}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="black" '
