@@ -37,6 +37,8 @@ VERBS = [
     (None, "port", "bequest.port.command", "PortRecipe", "port", ("out",)),
     (None, "upgrade", "bequest.upgrade", "UpgradeRecipe", "upgrade", ("sources", "out")),
     (None, "lineage", "bequest.lineage.command", "LineageRecipe", "lineage", ("dirs",)),
+    (None, "report", "bequest.report.command", "ReportRecipe", "report", ("dir",)),
+    (None, "demo", "bequest.demo", "DemoRecipe", "demo", ("out",)),
     ("study", "port", "bequest.port.study", "StudyRecipe", "study", ()),
 ]
 # The machine's, not bequest's: a full or read-only disk is the user's to fix, so one line, not a traceback.

@@ -18,6 +18,7 @@ from bequest.engine import prepare_work, processes, train, train_flops_per_token
 from bequest.io import atomic_dir, check_output, load_config, load_model, load_tokenizer
 from bequest.peft import new_config, save_tuned, virtual_tokens, with_module
 from bequest.recipe import OutputFields, PeftFields, PeftKind, TaskFields, TrainFields, TuningFields
+from bequest.report import write_report
 
 
 class FinetuneRecipe(TaskFields, TuningFields, PeftFields, TrainFields, OutputFields):
@@ -46,6 +47,7 @@ def finetune(r: FinetuneRecipe, *, progress: bool = True) -> dict:
         with atomic_dir(r.out, r.overwrite, work=work) as folder:
             save_tuned(folder, model, tokenizer, parent=r.model, operation="finetune", recipe=recipe)
             (folder / "eval.json").write_text(json.dumps(metrics, indent=1))
+            write_report(folder, r.out)
         print(f"saved {r.out}: eval accuracy {metrics['eval_accuracy']:.3f}")
     state.wait_for_everyone()
     return metrics

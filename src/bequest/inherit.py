@@ -28,6 +28,7 @@ from bequest.engine.kd import KD, SCHEDULES, KDTrainer, TeacherMeter, TopKTable,
 from bequest.errors import BequestError
 from bequest.io import atomic_dir, check_output, load_lm, load_model, write_model
 from bequest.recipe import CorpusFields, Family, GrowFields, KDFields, OutputFields, SizeFields, TrainFields
+from bequest.report import write_report
 
 Init = Literal["scratch", "grow"]
 REPORTED = ("eval_loss", "tokens", "flops", "teacher_flops", "flops_with_teacher", "t_ki")
@@ -218,7 +219,9 @@ def inherit(r: InheritRecipe) -> dict:
     chain = r.generations is not None
     recipe = r.model_dump(exclude={"overwrite"})
     work = prepare_work(r.out, recipe, r.overwrite)
-    parent, summary, metrics = str(r.teacher), [], {}
+    # A student given as a folder is where its weights come from (a grown model, say): its parent, so the
+    # lineage runs through it; the teacher is named in the recipe.
+    parent, summary, metrics = str(r.student or r.teacher), [], {}
     for n, (g, family, shape) in enumerate(plan, start=2):
         folder = work / f"gen{n}" if chain else work
         done = folder / "eval.json"
@@ -244,6 +247,7 @@ def inherit(r: InheritRecipe) -> dict:
             if chain:
                 chain_summary = {"teacher": str(r.teacher), "generations": summary}
                 (folder / "summary.json").write_text(json.dumps(chain_summary, indent=1))
+            write_report(folder, r.out)
         for s in summary:
             print(f"saved {s['folder']}: eval loss {s['eval_loss']:.4f}, {s['flops']:.3g} training FLOPs "
                   f"({s['flops_with_teacher']:.3g} with the teacher's forward passes)")

@@ -14,6 +14,7 @@ from bequest.data.prepare import lm_splits, special_ids, text_splits
 from bequest.engine import prepare_work, processes, train, train_flops_per_token
 from bequest.io import atomic_dir, check_output, write_model
 from bequest.recipe import CorpusFields, OutputFields, ShapeFields, TrainFields
+from bequest.report import write_report
 
 
 class PretrainRecipe(ShapeFields, CorpusFields, TrainFields, OutputFields):
@@ -47,6 +48,7 @@ def pretrain(r: PretrainRecipe) -> dict:
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)
             write_model(folder, model, tokenizer, operation="pretrain", recipe=recipe)
             (folder / "eval.json").write_text(json.dumps(metrics, indent=1))
+            write_report(folder, r.out)
         print(f"saved {r.out}: eval loss {metrics['eval_loss']:.4f}, {metrics['flops']:.3g} training FLOPs")
     state.wait_for_everyone()
     return metrics

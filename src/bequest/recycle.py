@@ -32,6 +32,7 @@ from bequest.errors import BequestError
 from bequest.io import atomic_dir, check_model, check_output, load_config, load_lm, load_model, load_tokenizer, write_model
 from bequest.peft import attach, read_module, save_tuned, with_module
 from bequest.recipe import CorpusFields, KDFields, OutputFields, TaskFields, TrainFields, TuningFields, defaults
+from bequest.report import write_report
 from bequest.task_weights import check_module_fits, delta_init, is_adapter, kd_trainer
 
 # What each method does: start from the old task weights (moved to the new base), and/or learn from
@@ -70,6 +71,7 @@ def continue_pretrain(r: ContinueRecipe) -> dict:
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)
             write_model(folder, model, tokenizer, operation="continue-pretrain", parent=str(r.model), recipe=recipe)
             (folder / "eval.json").write_text(json.dumps(metrics, indent=1))
+            write_report(folder, r.out)
         print(f"saved {r.out}: eval loss {metrics['eval_loss']:.4f}")
     state.wait_for_everyone()
     return metrics
@@ -166,6 +168,7 @@ def recycle(r: RecycleRecipe, *, progress: bool = True) -> dict:
         with atomic_dir(r.out, r.overwrite, work=work) as folder:
             save_tuned(folder, student, tokenizer, parent=r.new_base, operation=f"recycle-{r.method}", recipe=recipe)
             (folder / "eval.json").write_text(json.dumps(metrics, indent=1))
+            write_report(folder, r.out)
         start = metrics["curve"][0][1] if metrics["curve"] else float("nan")
         print(f"saved {r.out}: {r.method}, eval accuracy {start:.3f} at step 0 -> {metrics['eval_accuracy']:.3f}")
     state.wait_for_everyone()

@@ -26,6 +26,7 @@ from bequest.errors import BequestError
 from bequest.io import atomic_dir, check_output, load_config, load_model, write_model
 from bequest.peft import KINDS, module_of, with_module, write_adapter
 from bequest.peft.bottleneck import head_modules
+from bequest.report import write_report
 
 
 def learn(r: LearnRecipe, *, progress: bool = True) -> dict:
@@ -81,6 +82,7 @@ def learn(r: LearnRecipe, *, progress: bool = True) -> dict:
             title = f"{r.method}{' + LoRA' if r.lora else ''}: ACC {100 * metrics['average_accuracy']:.1f}"
             heatmap(matrix, names, folder / "heatmap.png", title)
             _save(folder, model, tokenizer, r, r.model_dump())
+            write_report(folder, r.out)
         bwt = "n/a" if metrics["bwt"] is None else f"{100 * metrics['bwt']:+.1f}"
         print(f"saved {r.out}: average accuracy {100 * metrics['average_accuracy']:.1f}, BWT {bwt}")
     state.wait_for_everyone()

@@ -21,6 +21,7 @@ from bequest.lifelong.metrics import perplexity, plot, stage_metrics
 from bequest.lifelong.prompts import collate, encode, prompt_id, prompt_token
 from bequest.lifelong.recipe import METHODS, LifelongRecipe
 from bequest.lifelong.schedule import SIZES, check_growth, grow_stage, parse_schedule, stage_steps
+from bequest.report import write_report
 
 
 def lifelong(r: LifelongRecipe) -> dict:
@@ -109,6 +110,7 @@ def lifelong(r: LifelongRecipe) -> dict:
         with atomic_dir(r.out, r.overwrite, work=work) as out:
             (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
             plot(metrics, out)
+            write_report(out, r.out)
         plus = "n/a" if metrics["AP+"] is None else f"{metrics['AP+']:.3f}"
         print(f"saved {r.out}: {len(stages)} stages, AP {metrics['AP']:.3f}, AP+ {plus}, {metrics['flops']:.3g} FLOPs")
     state.wait_for_everyone()

@@ -22,6 +22,7 @@ from bequest.errors import BequestError
 from bequest.io import atomic_dir, check_model, hold, load_config, load_tokenizer, make_dir, save_recipe
 from bequest.lineage import relation
 from bequest.recipe import read_yaml
+from bequest.report import write_report
 from bequest.peft import save_tuned
 from bequest.task_weights import kd_trainer
 from bequest.upgrade.paths import Move, start
@@ -55,6 +56,7 @@ def upgrade(r: UpgradeRecipe, *, progress: bool = True) -> list[dict]:
             print(f"{source}: failed ({e})")
         rows.append(row)
     write_summary(out, rows, {"from": str(r.from_), "to": str(r.to), "relation": link.kind})
+    write_report(out, r.out)
     failed = [row for row in rows if row["status"] == "failed"]
     if failed:
         raise BequestError(f"{len(failed)} of {len(rows)} sources failed (first: {failed[0]['source']}: "
