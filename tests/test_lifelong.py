@@ -96,8 +96,8 @@ def test_schedule_parsing_and_shapes():
 
 
 def test_prompted_and_plain_blocks_score_the_same_tokens():
-    plain = encode([[5, 6, 0, 7]], None, pad=0)
-    prompted = encode([[5, 6, 0, 7]], 99, pad=0)
+    plain = {k: v.tolist() for k, v in encode([[5, 6, 0, 7]], None, pad=0).items()}
+    prompted = {k: v.tolist() for k, v in encode([[5, 6, 0, 7]], 99, pad=0).items()}
     assert plain == {"input_ids": [[5, 6, 0, 7]], "labels": [[-100, 6, -100, 7]]}
     assert prompted == {"input_ids": [[99, 5, 6, 0, 7]], "labels": [[-100, -100, 6, -100, 7]]}
 

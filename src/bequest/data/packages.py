@@ -58,7 +58,7 @@ def package_docs(domain: str | None = None, split: str = "train") -> list[Doc]:
     check_split(split)
     names = list(DOMAINS) if domain is None else [check_domain(domain)]
     _ensure([dist for name in names for dist in DOMAINS[name]])
-    return [d for name in names for d in _domain_docs(name) if _split(d) == split]
+    return [d for name in names for d in _domain_docs(name)[split]]
 
 
 def check_domain(domain: str) -> str:
@@ -81,16 +81,26 @@ def _version(dist: str, domain: str) -> str:
                            f"pip install {dist}") from None
 
 
-def _split(doc: Doc) -> str:
-    if doc.domain == "stdlib":
-        return split_of(doc.name)
-    return "validation" if stable_fraction(f"{doc.domain}:{doc.module}") < VALIDATION_FRACTION else "train"
-
-
 @lru_cache(maxsize=None)
-def _domain_docs(domain: str) -> tuple[Doc, ...]:
+def _domain_docs(domain: str) -> dict[str, tuple[Doc, ...]]:
+    """A domain's documents by split (train, validation), read from the cache once per process."""
+    held: dict[str, bool] = {}  # module -> held out, hashed once per module
+
+    def split(doc: Doc) -> str:
+        if domain == "stdlib":
+            return split_of(doc.name)
+        if doc.module not in held:
+            held[doc.module] = stable_fraction(f"{domain}:{doc.module}") < VALIDATION_FRACTION
+        return "validation" if held[doc.module] else "train"
+
+    docs = _read(domain)
+    splits = [split(d) for d in docs]
+    return {s: tuple(d for d, t in zip(docs, splits) if t == s) for s in ("train", "validation")}
+
+
+def _read(domain: str) -> list[Doc]:
     if domain == "stdlib":
-        return tuple(replace(d, domain="stdlib") for d in build_docs())
+        return [replace(d, domain="stdlib") for d in build_docs()]
     seen: set[str] = set()
     docs = []
     for dist in DOMAINS[domain]:
@@ -99,7 +109,7 @@ def _domain_docs(domain: str) -> tuple[Doc, ...]:
             if record["text"] not in seen:
                 seen.add(record["text"])
                 docs.append(Doc(domain=domain, **record))
-    return tuple(docs)
+    return docs
 
 
 # ---------------------------------------------------------------- building

@@ -73,13 +73,13 @@ def lm_splits(train_text, eval_text, tokenizer, task: str, r) -> tuple:
     return train_set, eval_set
 
 
-def cached_blocks(texts, tokenizer, seq_len: int) -> list[list[int]]:
-    """`engine.lm_blocks` of `texts` as lists of token ids, cached on disk under the texts, the tokenizer and
-    seq_len: a domain of millions of tokens is tokenized once, not once per run."""
+def cached_blocks(texts, tokenizer, seq_len: int):
+    """`engine.lm_blocks` of `texts` as an int32 array, a row per block, cached on disk under the texts, the
+    tokenizer and seq_len: a domain of millions of tokens is tokenized once, not once per run."""
     import numpy as np
 
     key = hashlib.sha256(f"{seq_len}|{tokenizer.backend_tokenizer.to_str()}|".encode())
-    for text in texts["text"]:
+    for text in texts.data.column("text").to_pylist():  # not row by row through datasets: 10x faster
         key.update(text.encode())
         key.update(b"\0")
     path = cache_root() / "blocks" / f"{key.hexdigest()[:24]}-{seq_len}.npy"
@@ -93,7 +93,7 @@ def cached_blocks(texts, tokenizer, seq_len: int) -> list[list[int]]:
             np.save(f, blocks)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    return np.load(path).tolist()
+    return np.load(path)
 
 
 # ---------------------------------------------------------------- labelled tasks

@@ -163,7 +163,7 @@ def _domain_sets(r: LifelongRecipe, specs: list[str], names: list[str], tokenize
         prompt = prompt_id(tokenizer, name) if prompts else None
         blocks = cached_blocks(domain_texts(spec, "train", r, r.corpus), tokenizer, r.seq_len)
         held = cached_blocks(domain_texts(spec, "validation", r, r.corpus), tokenizer, r.seq_len)[: r.eval_blocks]
-        if not blocks or not held:
+        if not len(blocks) or not len(held):
             raise BequestError(f"domain {name!r} is shorter than one {r.seq_len}-token block; add text or lower it")
         train_sets.append(Dataset.from_dict(encode(blocks, prompt, tokenizer.pad_token_id)))
         eval_sets.append(Dataset.from_dict(encode(held, prompt, tokenizer.pad_token_id)))
