@@ -198,8 +198,8 @@ def figure(per_budget: list[dict], runs: dict, c: dict):
     for b, g in zip(per_budget, gaps):
         ax[1, 1].annotate(b["best_fixed"], (b["budget_flops"], g), textcoords="offset points", xytext=(4, 4))
     ax[1, 1].axhline(0, color="grey", lw=0.8)
-    ax[1, 1].set(title="ELLE's final AP minus the best fixed-size baseline's (below 0: ELLE ahead)",
-                 xlabel="training FLOPs per domain", ylabel="AP difference", xscale="log")
+    ax[1, 1].set(title="ELLE's final AP minus the best fixed-size method's", xlabel="training FLOPs per domain",
+                 ylabel="AP difference (below 0: ELLE ahead)", xscale="log")
     ax[0, 0].legend(fontsize=8)
     fig.suptitle(f"lifelong pre-training through {c['corpus']} corpus domains, equal FLOPs per domain")
     fig.tight_layout()

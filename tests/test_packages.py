@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import sys
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
-from bequest.data import load_corpus, packages
+from bequest.data import docstrings, load_corpus, packages
 from bequest.data.corpus import build_docs, corpus_docs, split_of
 from bequest.data.prepare import domain_texts
 from bequest.errors import BequestError
 
+SRC = Path(__file__).resolve().parents[1] / "src"
 # Two small packages bequest depends on stand in for the big ones: the same code path, in seconds.
 SMALL = {"stdlib": (), "rich": ("rich",), "pydantic": ("pydantic",)}
 
@@ -31,16 +35,32 @@ def build(monkeypatch, cache) -> tuple[dict, dict]:
     monkeypatch.setenv("BEQUEST_CACHE", str(cache))
     packages._domain_docs.cache_clear()
     docs = {split: corpus_docs(None, split, "packages") for split in ("train", "validation")}
-    return docs, {f.name: f.read_bytes() for f in sorted((cache / "corpus").iterdir())}
+    return docs, cache_files(cache)
 
 
-def test_builds_byte_identical_with_and_without_workers_split_by_module(small, monkeypatch, tmp_path, capfd):
-    docs, files = build(monkeypatch, tmp_path / "a")
-    assert "building the packages corpus from rich, pydantic" in capfd.readouterr().err
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # one core: parsed in this process
-    assert build(monkeypatch, tmp_path / "b") == (docs, files)
-    assert sorted(files) == sorted(f"{d}-{metadata.version(d)}-py{''.join(platform.python_version_tuple()[:2])}-r1.jsonl"
-                                   for d in ("rich", "pydantic"))
+def cache_files(cache) -> dict:
+    return {f.name: f.read_bytes() for f in sorted((cache / "corpus").iterdir())}
+
+
+# At module level, with no main guard: the worker interpreters must not import the caller's script again.
+SCRIPT = """from bequest.data import packages
+packages.DOMAINS = {"rich": ("rich",), "pydantic": ("pydantic",)}
+packages.package_docs()
+"""
+
+
+def test_builds_byte_identical_in_workers_and_in_process_split_by_module(small, monkeypatch, tmp_path):
+    script = tmp_path / "build.py"
+    script.write_text(SCRIPT)
+    path = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "BEQUEST_CACHE": str(tmp_path / "a"), "PYTHONPATH": path}
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0 and "building the packages corpus from rich, pydantic" in r.stderr, r.stderr[-2000:]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # one core: read in this process
+    docs, files = build(monkeypatch, tmp_path / "b")
+    assert files == cache_files(tmp_path / "a")
+    py = "".join(platform.python_version_tuple()[:2])
+    assert sorted(files) == sorted(f"{d}-{metadata.version(d)}-py{py}-r1.jsonl" for d in ("rich", "pydantic"))
 
     every = docs["train"] + docs["validation"]
     assert {d.domain for d in every} == set(SMALL)
@@ -50,7 +70,7 @@ def test_builds_byte_identical_with_and_without_workers_split_by_module(small, m
         assert 0.03 < len(val) / (len(train) + len(val)) < 0.3, domain
         assert not {d.module for d in train} & {d.module for d in val}  # whole modules are held out
         texts = [d.text for d in train + val]
-        assert len(set(texts)) == len(texts) and min(map(len, texts)) >= packages.MIN_CHARS
+        assert len(set(texts)) == len(texts) and min(map(len, texts)) >= docstrings.MIN_CHARS
         assert not any(part in packages.SKIP_DIRS for d in train + val for part in d.module.split("."))
         assert {d.kind for d in train + val} == {"module", "class", "function", "method"}
         assert all(d.name.startswith(d.module) and d.module.split(".")[0] == domain for d in train + val)
@@ -62,6 +82,27 @@ def test_builds_byte_identical_with_and_without_workers_split_by_module(small, m
     # The standard library is one domain: the default corpus, with its own split.
     stdlib = [(d.name, d.text, split) for split in docs for d in docs[split] if d.domain == "stdlib"]
     assert sorted(stdlib) == sorted((d.name, d.text, split_of(d.name)) for d in build_docs())
+
+
+def test_one_file_gives_its_docstrings_in_source_order_with_their_owners(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text(
+        '"""The module\'s docstring, long enough to be kept as a document."""\n'
+        "class A:\n"
+        '    """The class\'s docstring, long enough to be kept as a document."""\n'
+        "    if True:\n"
+        "        def f(self, x, *a, **k):\n"
+        '            """A method defined in an if block, long enough to be kept."""\n'
+        "    def g(self):\n"
+        '        """Short."""\n'
+        "        def inner(y):\n"
+        '            """A function inside a method, long enough to be kept here."""\n'
+        "        def odd():\n"
+        '            """A lone surrogate \\udc80 that UTF-8 and tokenizers would refuse."""\n'
+    )
+    got = [(r["name"], r["kind"], r["arity"]) for r in docstrings.file_docs(str(source), "m")]
+    assert got == [("m", "module", None), ("m.A", "class", None), ("m.A.f", "method", 3),
+                   ("m.A.g.inner", "function", 1)]
 
 
 def test_domains_load_alone_joined_and_refuse_unknown_ones(small):

@@ -2,11 +2,11 @@
 
 Several million tokens that every install of bequest already has on disk, in domains as far apart as
 deep-learning APIs, symbolic maths, dataframes and plotting. Nothing is imported: every source file a
-distribution's RECORD lists is parsed with `ast`, and each module, class and function docstring of at
-least MIN_CHARS characters is one document, in file order (folders named test/tests/testing are left
-out: their docstrings describe test cases). The standard library is one domain, the default corpus's
-documents (corpus.py); every other domain is one package, or a package and the library it rests on.
-Identical texts are kept once per domain.
+distribution's RECORD lists is parsed with `ast` (docstrings.py), and each module, class and function
+docstring of at least MIN_CHARS characters is one document, in file order (folders named test, tests or
+testing are left out: their docstrings describe test cases). The standard library is one domain, the
+default corpus's documents (corpus.py); every other domain is one package, or a package and the library
+it rests on. Identical texts are kept once per domain.
 
 Each distribution's documents are cached as JSON lines in $BEQUEST_CACHE/corpus under its name and
 version, Python's version and RECIPE, so the same versions give byte-identical files and a new version
@@ -20,20 +20,24 @@ The stdlib domain keeps the default corpus's split.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import json
-import multiprocessing
 import os
 import platform
+import queue
+import subprocess
+import sys
 import tempfile
+import threading
 from dataclasses import replace
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
+from bequest.data import docstrings
 from bequest.data.cache import cache_root
 from bequest.data.corpus import VALIDATION_FRACTION, Doc, build_docs, check_split, split_of, stable_fraction
+from bequest.data.docstrings import file_docs
 from bequest.errors import BequestError
 
 DOMAINS: dict[str, tuple[str, ...]] = {
@@ -47,10 +51,8 @@ DOMAINS: dict[str, tuple[str, ...]] = {
     "matplotlib": ("matplotlib",),
     "huggingface_hub": ("huggingface_hub",),
 }
-RECIPE = 1  # bump when extraction changes, so cached distributions are parsed again
-MIN_CHARS = 40
+RECIPE = 1  # bump when extraction (docstrings.py) changes, so cached distributions are parsed again
 SKIP_DIRS = frozenset({"test", "tests", "testing"})
-FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
 
 
 def package_docs(domain: str | None = None, split: str = "train") -> list[Doc]:
@@ -104,7 +106,8 @@ def _read(domain: str) -> list[Doc]:
     seen: set[str] = set()
     docs = []
     for dist in DOMAINS[domain]:
-        for line in _cache_file(dist, domain).read_text(encoding="utf-8").splitlines():
+        # JSON escapes "\n" but not every character str.splitlines() breaks at (U+2028, U+0085).
+        for line in filter(None, _cache_file(dist, domain).read_text(encoding="utf-8").split("\n")):
             record = json.loads(line)
             if record["text"] not in seen:
                 seen.add(record["text"])
@@ -125,17 +128,17 @@ def _ensure(dists: list[str]) -> None:
     missing = [d for d in dict.fromkeys(dists) if not _cache_file(d).exists()]
     if not missing:
         return
-    jobs = [(dist, path, module) for dist in missing for path, module in _sources(dist)]
+    files = [(dist, path, module) for dist in missing for path, module in _sources(dist)]
     root = _cache_file(missing[0]).parent
     root.mkdir(parents=True, exist_ok=True)
-    found: dict[str, list[dict]] = {d: [] for d in missing}
-    with _pool(len(jobs)) as run, _progress(len(jobs), missing, root) as advance:
-        for (dist, _, _), records in zip(jobs, run(_file_docs, [j[1:] for j in jobs])):
-            found[dist] += records
+    parsed: list[list[dict]] = [[] for _ in files]
+    with _progress(len(files), missing, root) as advance:
+        for i, records in _parse([f[1:] for f in files]):
+            parsed[i] = records
             advance()
-    for dist, records in found.items():
+    for dist in missing:
         seen, lines = set(), []
-        for rec in records:
+        for rec in (r for (d, _, _), records in zip(files, parsed) if d == dist for r in records):
             if rec["text"] not in seen:
                 seen.add(rec["text"])
                 lines.append(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
@@ -161,18 +164,45 @@ def _sources(dist: str) -> list[tuple[str, str]]:
     return [(path, module) for path, module, _ in sorted(out, key=lambda t: t[2])]
 
 
-@contextlib.contextmanager
-def _pool(n_jobs: int):
-    """An ordered map: over spawned processes where there are cores to spare, else in this process."""
+def _parse(files: list[tuple[str, str]]):
+    """(index, docstring records) of every (path, module) in `files`, in any order: spread over worker
+    interpreters (docstrings.py run as a script) where there are cores to spare, else read here."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = min(cores, n_jobs // 100)  # under ~100 files a pool costs more than it saves
-    if workers < 2 or multiprocessing.current_process().daemon:  # a daemon may not start processes
-        yield map
+    workers = min(cores, len(files) // 100)  # under ~100 files a worker costs more than it saves
+    if workers < 2 or not sys.executable:
+        yield from ((i, file_docs(path, module)) for i, (path, module) in enumerate(files))
         return
-    from concurrent.futures import ProcessPoolExecutor
+    done: queue.Queue = queue.Queue()
+    procs = []
+    try:
+        for w in range(workers):
+            err = tempfile.TemporaryFile()
+            p = subprocess.Popen([sys.executable, "-I", "-S", docstrings.__file__], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=err)
+            procs.append((p, err))
+            threading.Thread(target=_read_lines, args=(p.stdout, done), daemon=True).start()
+            p.stdin.write(json.dumps([(i, *files[i]) for i in range(w, len(files), workers)]).encode())
+            p.stdin.close()
+        for _ in range(len(files) + workers):  # every file, and each worker's end
+            item = done.get()
+            if item is not None:
+                yield item
+        for p, err in procs:
+            if p.wait():
+                err.seek(0)
+                why = (err.read().decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+                raise BequestError(f"reading docstrings failed in a worker ({why}); please report this")
+    finally:
+        for p, err in procs:
+            if p.poll() is None:
+                p.kill()
+            err.close()
 
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield lambda fn, jobs: pool.map(fn, jobs, chunksize=8)
+
+def _read_lines(stream, done: queue.Queue) -> None:
+    for line in stream:
+        done.put(json.loads(line))
+    done.put(None)
 
 
 @contextlib.contextmanager
@@ -187,38 +217,3 @@ def _progress(total: int, dists: list[str], root: Path):
     with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
         task = bar.add_task("parse", total=total)
         yield lambda: bar.advance(task)
-
-
-# ---------------------------------------------------------------- one file (in a worker process)
-
-
-def _file_docs(job: tuple[str, str]) -> list[dict]:
-    """Every docstring of one source file, in source order, as records of `Doc`'s fields less domain."""
-    path, module = job
-    try:
-        tree = ast.parse(Path(path).read_bytes())
-    except (SyntaxError, ValueError, OSError):  # a template or a file of another Python: no documents
-        return []
-    out: list[dict] = []
-
-    def visit(node, qualname: str, kind: str, arity: int | None) -> None:
-        text = ast.get_docstring(node, clean=True) if hasattr(node, "body") and kind else None
-        if text and len(text.strip()) >= MIN_CHARS:
-            out.append(dict(name=qualname, module=module, kind=kind, text=text.strip(), arity=arity))
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.ClassDef):
-                visit(child, f"{qualname}.{child.name}", "class", None)
-            elif isinstance(child, FUNCTIONS):
-                method = isinstance(node, ast.ClassDef)
-                visit(child, f"{qualname}.{child.name}", "method" if method else "function", _arity(child.args))
-            elif isinstance(child, (ast.stmt, ast.excepthandler, ast.match_case)):
-                visit(child, qualname, "", None)  # an if/try/with block: its definitions belong to `node`
-
-    visit(tree, module, "module", None)
-    return out
-
-
-def _arity(args: ast.arguments) -> int:
-    """Parameters besides self/cls, as the default corpus counts them."""
-    every = [*args.posonlyargs, *args.args, *args.kwonlyargs, *filter(None, (args.vararg, args.kwarg))]
-    return sum(1 for a in every if a.arg not in ("self", "cls"))
