@@ -59,6 +59,10 @@ def main() -> None:
     args = common.parse(__doc__.splitlines()[0])
     c = QUICK if args.quick else FULL
     t0 = time.perf_counter()
+    from bequest.data.prepare import domain_texts
+
+    for spec in c["domains"].split(","):  # the corpus is built here once, not by every worker at the same time
+        domain_texts(spec, "train", corpus=c["corpus"])
     with tempfile.TemporaryDirectory(prefix="bequest-lifelong-") as work:
         start = {k: c[k] for k in ("layers", "hidden", "heads")}
         final = {**start, "layers": c["layers"] + len(c["domains"].split(",")) - 1}  # grown one layer per domain

@@ -176,8 +176,8 @@ class CorpusChoice(Recipe):
     @model_validator(mode="before")
     @classmethod
     def _drop_versions(cls, values):
-        if isinstance(values, dict):
-            values.pop("corpus_versions", None)
+        if isinstance(values, dict) and "corpus_versions" in values:
+            return {k: v for k, v in values.items() if k != "corpus_versions"}  # the caller's dict stays whole
         return values
 
     @model_serializer(mode="wrap")
