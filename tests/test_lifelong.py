@@ -1,10 +1,14 @@
 """Lifelong pre-training (ELLE): replay windows, AP/AP+, growth schedules, and a 3-domain stream end to end."""
 
 import json
+from functools import partial
 from pathlib import Path
+
+from importlib import metadata
 
 import numpy as np
 import pytest
+import yaml
 from datasets import Dataset
 from typer.testing import CliRunner
 
@@ -13,8 +17,9 @@ from bequest.anatomy import anatomy
 from bequest.engine.replay import Memory, replay_order
 from bequest.errors import BequestError
 from bequest.io import load_model, read_lineage
+from bequest.data import packages
 from bequest.lifelong import (
-    LifelongRecipe, encode, lifelong, next_shape, parse_schedule, perplexity, prompt_id, stage_metrics,
+    LifelongRecipe, encode, lifelong, next_shape, parse_schedule, perplexity, prompt_id, rewarm_factor, stage_metrics,
 )
 from conftest import tiny
 
@@ -91,8 +96,8 @@ def test_schedule_parsing_and_shapes():
 
 
 def test_prompted_and_plain_blocks_score_the_same_tokens():
-    plain = encode([[5, 6, 0, 7]], None, pad=0)
-    prompted = encode([[5, 6, 0, 7]], 99, pad=0)
+    plain = {k: v.tolist() for k, v in encode([[5, 6, 0, 7]], None, pad=0).items()}
+    prompted = {k: v.tolist() for k, v in encode([[5, 6, 0, 7]], 99, pad=0).items()}
     assert plain == {"input_ids": [[5, 6, 0, 7]], "labels": [[-100, 6, -100, 7]]}
     assert prompted == {"input_ids": [[99, 5, 6, 0, 7]], "labels": [[-100, -100, 6, -100, 7]]}
 
@@ -199,3 +204,62 @@ def test_llama_growth_only_keeps_perplexity_at_growth(tmp_path):
     assert stages[1]["shape"] == {"hidden": 48, "heads": 3, "kv_heads": 1, "ffn": 192, "layers": 2}
     assert stages[1]["ppl_grown"]["text"] == pytest.approx(stages[0]["ppl"]["text"], rel=1e-4)
     assert stages[1]["recover_steps"] == 0 and stages[1]["replay_fraction"] == 0
+
+
+def test_rewarm_factor_by_hand():
+    f = partial(rewarm_factor, steps=10, warmup=2, floor=0.1)
+    assert [f(s) for s in (0, 1, 2)] == pytest.approx([0.1, 0.55, 1.0])  # re-warms from the floor
+    assert f(6) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine re-decay
+    assert f(10) == pytest.approx(0.1) and f(12) == pytest.approx(0.1)  # where the next stage starts from
+    assert rewarm_factor(0, 5, 0, 0.2) == 1.0 and rewarm_factor(5, 5, 0, 0.2) == pytest.approx(0.2)
+
+
+def test_rewarm_restarts_the_learning_rate_each_domain_with_the_replay_share_on_the_packages_corpus(
+        tmp_path, monkeypatch):
+    # Three small installed packages stand in for the big domains (same code path, seconds to build).
+    monkeypatch.setattr(packages, "DOMAINS", {"stdlib": (), "rich": ("rich",), "pydantic": ("pydantic",),
+                                              "accelerate": ("accelerate",)})
+    packages._domain_docs.cache_clear()
+    real_train, real_sets, stages, sets = lifelong_run.train, lifelong_run._domain_sets, [], []
+
+    def recording(*args, trainer_class, **kwargs):
+        lrs, batches = [], []
+
+        def make(*a, **kw):  # the verb's own Trainer, watched: the rate and the batch of every step
+            t = trainer_class(*a, **kw)
+            step = t.training_step
+
+            def watched(model, inputs, *rest, **more):
+                lrs.append(t.lr_scheduler.get_last_lr()[0])
+                batches.append(inputs["input_ids"].tolist())
+                return step(model, inputs, *rest, **more)
+
+            t.training_step = watched
+            return t
+
+        metrics = real_train(*args, trainer_class=make, **kwargs)
+        stages.append((lrs, batches))
+        return metrics
+
+    monkeypatch.setattr(lifelong_run, "train", recording)
+    monkeypatch.setattr(lifelong_run, "_domain_sets", lambda *a: sets.append(real_sets(*a)) or sets[-1])
+    lr, steps, warmup = 3e-3, 5, 2
+    r = LifelongRecipe(out=str(tmp_path / "rw"), **{**SMALL, "domains": "rich,pydantic,accelerate", "steps": steps,
+                                                   "warmup": warmup}, corpus="packages", method="rewarm")
+    metrics = lifelong(r)
+    packages._domain_docs.cache_clear()
+
+    want = [lr * rewarm_factor(s, steps, warmup, r.lr_floor) for s in range(steps)]
+    assert [lrs for lrs, _ in stages] == [pytest.approx(want)] * 3
+    for lrs, _ in stages:  # every domain: from the floor up to the peak, then back down towards the floor
+        assert lrs[0] == pytest.approx(0.1 * lr) and lrs[warmup] == pytest.approx(lr)
+        assert all(a > b for a, b in zip(lrs[warmup:], lrs[warmup + 1:])) and lrs[-1] > 0.1 * lr
+    new = [{tuple(ids[1:]) for ids in ds["input_ids"]} for ds in sets[0][0]]  # each domain's training blocks
+    for k, (_, batches) in enumerate(stages):  # round(0.25 * 4) = 1 memory block in every batch after the first
+        assert len(batches) == steps and all(len(b) == 4 for b in batches)
+        assert [sum(tuple(row[1:]) not in new[k] for row in b) for b in batches] == [0 if k == 0 else 1] * steps
+    s = metrics["stages"]
+    assert [x["replay_fraction"] for x in s] == [0, 0.25, 0.25] and not metrics["prompts"]
+    assert [x["shape"]["hidden"] for x in s] == [32] * 3
+    saved = yaml.safe_load((tmp_path / "rw" / "stage2-accelerate" / "recipe.yaml").read_text())
+    assert saved["method"] == "rewarm" and saved["corpus_versions"]["accelerate"] == metadata.version("accelerate")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from bequest.errors import BequestError
 
@@ -172,9 +172,43 @@ class FileFields(Recipe):
     )
 
 
-class CorpusFields(BlockFields, FileFields):
-    corpus: str = Field("default", description="'default' (embedded stdlib corpus) or a path to your text/jsonl/csv/parquet")
+class CorpusChoice(Recipe):
+    """Which text a run reads. On the packages corpus every dump of the recipe (the one saved beside an
+    output) records the versions of the packages whose text it saw, as `corpus_versions`; read back,
+    that record is dropped, since it describes a run and sets nothing."""
+
+    corpus: str = Field(
+        "default",
+        description="'default' (embedded stdlib corpus), 'packages' (docstrings of the installed packages, a "
+        "domain each; built once and cached) or a path to your text/jsonl/csv/parquet",
+    )
+
+    def corpus_domains(self) -> list[str] | None:
+        """The packages corpus domains the run reads (None: all)."""
+        return None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_versions(cls, values):
+        if isinstance(values, dict) and "corpus_versions" in values:
+            return {k: v for k, v in values.items() if k != "corpus_versions"}  # the caller's dict stays whole
+        return values
+
+    @model_serializer(mode="wrap")
+    def _record_versions(self, handler):
+        dumped = handler(self)
+        if self.corpus == "packages" and isinstance(dumped, dict):
+            from bequest.data.packages import versions
+
+            dumped["corpus_versions"] = versions(self.corpus_domains())
+        return dumped
+
+
+class CorpusFields(BlockFields, FileFields, CorpusChoice):
     domain: str | None = Field(None, description="one domain of the embedded corpus (default: all)")
+
+    def corpus_domains(self) -> list[str] | None:
+        return None if self.domain is None else [self.domain]
 
 
 class ExampleFields(Recipe):

@@ -1,4 +1,5 @@
-"""The embedded default data (stdlib docstrings), its tasks and tokenizers, and user files."""
+"""The embedded data (the default stdlib corpus, and the larger packages corpus from the installed packages'
+docstrings), the default corpus's tasks, tokenizers, and user files."""
 
 from bequest.data.corpus import DOMAINS, load_corpus
 from bequest.data.files import load_labeled_files, load_text_files

@@ -3,6 +3,8 @@
 Every Python install ships this text, so it needs no download. One document is one
 docstring (or one ~400-character chunk of a pydoc topic); see stdlib_docs.py for how
 they are collected. Building takes well under a second, so nothing is cached on disk.
+The larger packages corpus (`corpus="packages"`, packages.py) is read through the same
+functions.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from bequest.data import stdlib_docs
 from bequest.errors import BequestError
 
 DOMAINS: tuple[str, ...] = tuple(stdlib_docs.MODULES)
+CORPORA: tuple[str, ...] = ("default", "packages")  # the embedded ones; --corpus also takes a path
 SPLITS: tuple[str, ...] = ("train", "validation")
 VALIDATION_FRACTION = 0.1
 
@@ -62,9 +65,26 @@ def build_docs() -> tuple[Doc, ...]:
     return tuple(Doc(**r) for r in records)
 
 
-def check_domain(domain: str | None) -> None:
-    if domain is not None and domain not in DOMAINS:
-        raise BequestError(f"unknown domain {domain!r}; choose one of: {', '.join(DOMAINS)}")
+def domains(corpus: str = "default") -> tuple[str, ...]:
+    """The domain names of an embedded corpus."""
+    if corpus == "packages":
+        from bequest.data.packages import DOMAINS as PACKAGE_DOMAINS
+
+        return tuple(PACKAGE_DOMAINS)
+    return DOMAINS
+
+
+def named_domains(spec: str, corpus: str = "default") -> list[str] | None:
+    """The domains of an embedded corpus that `spec` names ('a+b' joins several), or None if it names none
+    (then it is a path)."""
+    parts = spec.split("+")
+    return parts if all(p in domains(corpus) for p in parts) else None
+
+
+def check_domain(domain: str | None, corpus: str = "default") -> None:
+    if domain is not None and domain not in domains(corpus):
+        where = "" if corpus == "default" else f" of the {corpus} corpus"
+        raise BequestError(f"unknown domain {domain!r}{where}; choose one of: {', '.join(domains(corpus))}")
 
 
 def check_split(split: str) -> None:
@@ -72,18 +92,22 @@ def check_split(split: str) -> None:
         raise BequestError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
 
 
-def corpus_docs(domain: str | None = None, split: str = "train") -> list[Doc]:
-    """The documents of one domain (None: all) and split, in corpus order."""
-    check_domain(domain)
+def corpus_docs(domain: str | None = None, split: str = "train", corpus: str = "default") -> list[Doc]:
+    """The documents of one domain (None: all) and split of an embedded corpus, in corpus order."""
+    check_domain(domain, corpus)
     check_split(split)
+    if corpus == "packages":
+        from bequest.data.packages import package_docs
+
+        return package_docs(domain, split)
     return [d for d in build_docs() if domain in (None, d.domain) and split_of(d.name) == split]
 
 
-def load_corpus(domain: str | None = None, split: str = "train"):
-    """The default corpus as a `datasets.Dataset` with columns text, domain, name."""
+def load_corpus(domain: str | None = None, split: str = "train", corpus: str = "default"):
+    """An embedded corpus (default: the stdlib one) as a `datasets.Dataset` with columns text, domain, name."""
     import datasets  # slow to import; only pay for it when a dataset is asked for
 
-    docs = corpus_docs(domain, split)
+    docs = corpus_docs(domain, split, corpus)
     columns = {"text": [d.text for d in docs], "domain": [d.domain for d in docs], "name": [d.name for d in docs]}
     return datasets.Dataset.from_dict(columns)
 

@@ -6,9 +6,13 @@ mean the same thing in each of them.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from pathlib import Path
 
-from bequest.data.corpus import DOMAINS, load_corpus
+from bequest.data.cache import cache_root
+from bequest.data.corpus import CORPORA, load_corpus, named_domains
 from bequest.data.files import load_labeled_files, load_text_files
 from bequest.data.tasks import TASKS, load_task
 from bequest.errors import BequestError
@@ -33,20 +37,23 @@ def check_room(anat, tokens: int, flag: str, where="the model") -> None:
 
 
 def text_splits(r):
-    """(train, validation) text of the embedded corpus (one domain, or all) or of the user's files
+    """(train, validation) text of an embedded corpus (one domain, or all) or of the user's files
     (`r`: a recipe with `CorpusFields`)."""
-    if r.corpus == "default":
-        return load_corpus(r.domain, "train"), load_corpus(r.domain, "validation")
+    if r.corpus in CORPORA:
+        return load_corpus(r.domain, "train", r.corpus), load_corpus(r.domain, "validation", r.corpus)
     if r.domain is not None:
-        raise BequestError("--domain selects a part of the embedded corpus; drop it when --corpus is a path")
+        raise BequestError("--domain selects a part of an embedded corpus; drop it when --corpus is a path")
     return domain_texts(r.corpus, "train", r), domain_texts(r.corpus, "validation", r)
 
 
-def domain_texts(spec: str, split: str, files=None):
-    """One domain: an embedded corpus domain by name, or the user's files by path (read as `files`,
-    a recipe with `FileFields`, says)."""
-    if spec in DOMAINS:
-        return load_corpus(spec, split)
+def domain_texts(spec: str, split: str, files=None, corpus: str = "default"):
+    """One domain: a domain of the embedded `corpus` by name ('a+b': several as one), or the user's files by
+    path (read as `files`, a recipe with `FileFields`, says)."""
+    named = named_domains(spec, corpus)
+    if named:
+        from datasets import concatenate_datasets
+
+        return concatenate_datasets([load_corpus(d, split, corpus) for d in named])
     how = {} if files is None else {"text_column": files.text_column, "validation_fraction": files.validation_fraction}
     return load_text_files(spec, split, **how)
 
@@ -64,6 +71,29 @@ def lm_splits(train_text, eval_text, tokenizer, task: str, r) -> tuple:
     if len(train_set) == 0 or len(eval_set) == 0:
         raise BequestError(f"corpus {r.corpus!r} is shorter than one {r.seq_len}-token block; add text or lower --seq-len")
     return train_set, eval_set
+
+
+def cached_blocks(texts, tokenizer, seq_len: int):
+    """`engine.lm_blocks` of `texts` as an int32 array, a row per block, cached on disk under the texts, the
+    tokenizer and seq_len: a domain of millions of tokens is tokenized once, not once per run."""
+    import numpy as np
+
+    key = hashlib.sha256(f"{seq_len}|{tokenizer.backend_tokenizer.to_str()}|".encode())
+    for text in texts.data.column("text").to_pylist():  # not row by row through datasets: 10x faster
+        key.update(text.encode())
+        key.update(b"\0")
+    path = cache_root() / "blocks" / f"{key.hexdigest()[:24]}-{seq_len}.npy"
+    if not path.exists():
+        from bequest.engine.data import lm_blocks
+
+        blocks = np.asarray(lm_blocks(texts, tokenizer, seq_len)["input_ids"], dtype=np.int32).reshape(-1, seq_len)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".npy", dir=path.parent)  # renamed into place whole
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, blocks)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    return np.load(path)
 
 
 # ---------------------------------------------------------------- labelled tasks

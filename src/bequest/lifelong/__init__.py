@@ -6,7 +6,13 @@ memory of the earlier domains, and then it learns the new domain with memory rep
 (`bequest.engine.replay`): every batch holds exactly round(replay_fraction * batch_size) blocks drawn
 from a bounded memory (memory_size random training blocks kept per earlier domain); a fraction that
 rounds to no block is refused. The baselines in the same command (`METHODS` in recipe.py): `naive`
-(fixed size, no replay), `replay` (replay only) and `grow` (growth only).
+(fixed size, no replay), `replay` (replay only), `grow` (growth only) and `rewarm` (Ibrahim et al. 2024:
+replay, and at every domain a learning rate re-warmed linearly from lr_floor x lr to lr over `warmup` steps
+and re-decayed by a cosine to lr_floor x lr at the stage's end, `schedule.rewarm_factor`; the other methods
+restart the engine's own schedule, warm-up from 0 and cosine to 0, at every stage).
+
+The stream's domains are domains of `corpus` (the default stdlib corpus, or the packages corpus of the
+installed packages' docstrings; 'a+b' trains on two domains as one) or paths to the user's files.
 
 Domain prompts: one special token per domain, `<|domain:NAME|>`, added to the tokenizer up front (so
 the vocabulary never changes mid-stream). Every block of that domain is fed as [prompt, t1 .. tL]. The
@@ -37,8 +43,8 @@ encoded blocks), metrics (perplexity, AP/AP+, plots), run (`lifelong` and what i
 from bequest.lifelong.metrics import perplexity, plot, stage_metrics
 from bequest.lifelong.prompts import encode, prompt_id, prompt_token
 from bequest.lifelong.recipe import METHODS, LifelongRecipe
-from bequest.lifelong.run import WindowTrainer, lifelong
-from bequest.lifelong.schedule import SIZES, next_shape, parse_schedule
+from bequest.lifelong.run import RewarmTrainer, WindowTrainer, lifelong
+from bequest.lifelong.schedule import SIZES, next_shape, parse_schedule, rewarm_factor
 
-__all__ = ["METHODS", "SIZES", "LifelongRecipe", "WindowTrainer", "encode", "lifelong", "next_shape",
-           "parse_schedule", "perplexity", "plot", "prompt_id", "prompt_token", "stage_metrics"]
+__all__ = ["METHODS", "SIZES", "LifelongRecipe", "RewarmTrainer", "WindowTrainer", "encode", "lifelong", "next_shape",
+           "parse_schedule", "perplexity", "plot", "prompt_id", "prompt_token", "rewarm_factor", "stage_metrics"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -15,14 +16,15 @@ def prompt_id(tokenizer, domain: str) -> int | None:
     return None if tid is None or tid == tokenizer.unk_token_id else tid
 
 
-def encode(blocks: list[list[int]], prompt: int | None, pad: int | None) -> dict:
-    """input_ids and labels; the first block token is never scored, so prompted or not the same tokens are."""
-    ids, labels = [], []
-    for b in blocks:
-        lab = [-100 if t == pad else t for t in b]  # what the engine's causal collator does
-        lab[0] = -100
-        ids.append(b if prompt is None else [prompt, *b])
-        labels.append(lab if prompt is None else [-100, *lab])
+def encode(blocks, prompt: int | None, pad: int | None) -> dict:
+    """input_ids and labels, an int64 array row per block; the first block token is never scored, so prompted
+    or not the same tokens are."""
+    ids = np.asarray(blocks, dtype=np.int64).reshape(len(blocks), -1)
+    labels = ids.copy() if pad is None else np.where(ids == pad, -100, ids)  # what the engine's collator does
+    labels[:, 0] = -100
+    if prompt is not None:
+        ids = np.concatenate([np.full((len(ids), 1), prompt), ids], axis=1)
+        labels = np.concatenate([np.full((len(ids), 1), -100), labels], axis=1)
     return {"input_ids": ids, "labels": labels}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -12,15 +13,16 @@ from datasets import Dataset
 
 from bequest import data
 from bequest.anatomy import FAMILIES, anatomy, build_model, make_config
-from bequest.data.prepare import check_room, domain_texts, special_ids
-from bequest.engine import lm_blocks, prepare_work, processes, train
+from bequest.data.corpus import domains, named_domains
+from bequest.data.prepare import cached_blocks, check_room, domain_texts, special_ids
+from bequest.engine import prepare_work, processes, train
 from bequest.engine.replay import Memory, memory_share
 from bequest.errors import BequestError
 from bequest.io import atomic_dir, check_output, load_model, write_model
 from bequest.lifelong.metrics import perplexity, plot, stage_metrics
 from bequest.lifelong.prompts import collate, encode, prompt_id, prompt_token
 from bequest.lifelong.recipe import METHODS, LifelongRecipe
-from bequest.lifelong.schedule import SIZES, check_growth, grow_stage, parse_schedule, stage_steps
+from bequest.lifelong.schedule import SIZES, check_growth, grow_stage, parse_schedule, rewarm_factor, stage_steps
 from bequest.report import write_report
 
 
@@ -28,10 +30,12 @@ def lifelong(r: LifelongRecipe) -> dict:
     """Pre-train through a stream of domains: ELLE (growth, recovery warm-up, replay, domain prompts) or a baseline."""
     state = processes()
     check_output(r.out, r.overwrite)
-    specs = [s.strip() for s in r.domains.split(",") if s.strip()]
-    names = [_domain_name(s) for s in specs]
+    specs = r.stream()
+    names = [_domain_name(s, r.corpus) for s in specs]
     if not specs or len(set(names)) != len(names):
-        raise BequestError(f"--domains {r.domains!r} must name distinct domains; e.g. {','.join(data.DOMAINS[:3])}")
+        raise BequestError(f"--domains {r.domains!r} must name distinct domains; e.g. {','.join(domains(r.corpus)[:3])}")
+    if not r.base and "causal_lm" not in FAMILIES[r.family].tasks:
+        raise BequestError(f"{r.family} is not a causal LM family; pick gpt2, llama, mistral or qwen2")
     plan = METHODS[r.method]
     if plan["replay"] and len(specs) > 1:
         memory_share(r.replay_fraction, r.batch_size)  # refused here, not after the first stage has trained
@@ -42,6 +46,7 @@ def lifelong(r: LifelongRecipe) -> dict:
         check_growth(model, schedule, r)
     train_sets, eval_sets = _domain_sets(r, specs, names, tokenizer, use_prompts)
     memory = Memory(seed=r.seed, per_source=r.memory_size)
+    trainer_class = partial(RewarmTrainer, lr_floor=r.lr_floor) if plan["rewarm"] else WindowTrainer
 
     recipe = r.model_dump(exclude={"overwrite"})
     work = prepare_work(r.out, recipe, r.overwrite)
@@ -90,7 +95,7 @@ def lifelong(r: LifelongRecipe) -> dict:
         windows = memory.windows(train_sets[k], r.batch_size, steps * micro, fraction, seed=r.seed * 1000 + k + 500)
         spec = r.model_copy(update={"steps": steps})
         m = train(model, tokenizer, "causal_lm", windows, eval_sets[k], folder, spec, flops_per_token=fpt,
-                  trainer_class=WindowTrainer, progress=False)
+                  trainer_class=trainer_class, progress=False)
         row.update(steps=steps, replay_fraction=fraction, memory_per_batch=memory_share(fraction, r.batch_size),
                    flops=row["flops"] + m["flops"],
                    shape={key: getattr(anatomy(model), key) for key in SIZES}, ppl=evaluate(model))
@@ -120,8 +125,8 @@ def lifelong(r: LifelongRecipe) -> dict:
 # ---------------------------------------------------------------- the model and the domains
 
 
-def _domain_name(spec: str) -> str:
-    return spec if spec in data.DOMAINS else Path(spec).stem
+def _domain_name(spec: str, corpus: str) -> str:
+    return spec if named_domains(spec, corpus) else Path(spec).stem
 
 
 def _tokenizer_and_model(r: LifelongRecipe, specs: list[str], names: list[str], prompts: bool):
@@ -131,7 +136,9 @@ def _tokenizer_and_model(r: LifelongRecipe, specs: list[str], names: list[str], 
             raise BequestError(f"{r.base} has no tokenizer.json; save the tokenizer beside the model")
     else:
         fam = FAMILIES[r.family]
-        own = None if all(s in data.DOMAINS for s in specs) else [t for s in specs for t in domain_texts(s, "train", r)["text"]]
+        # The default corpus shares one cached tokenizer across runs; other text gets one of its own.
+        default = r.corpus == "default" and all(named_domains(s) for s in specs)
+        own = None if default else [t for s in specs for t in domain_texts(s, "train", r, r.corpus)["text"]]
         tokenizer = data.train_tokenizer(fam.tokenizer, r.vocab, texts=own)
     if prompts:  # every domain's prompt up front: the vocabulary stays fixed through the stream
         tokenizer.add_tokens([prompt_token(n) for n in names], special_tokens=True)
@@ -156,9 +163,9 @@ def _domain_sets(r: LifelongRecipe, specs: list[str], names: list[str], tokenize
     train_sets, eval_sets = [], []
     for spec, name in zip(specs, names):
         prompt = prompt_id(tokenizer, name) if prompts else None
-        blocks = list(lm_blocks(domain_texts(spec, "train", r), tokenizer, r.seq_len)["input_ids"])
-        held = list(lm_blocks(domain_texts(spec, "validation", r), tokenizer, r.seq_len)["input_ids"])[: r.eval_blocks]
-        if not blocks or not held:
+        blocks = cached_blocks(domain_texts(spec, "train", r, r.corpus), tokenizer, r.seq_len)
+        held = cached_blocks(domain_texts(spec, "validation", r, r.corpus), tokenizer, r.seq_len)[: r.eval_blocks]
+        if not len(blocks) or not len(held):
             raise BequestError(f"domain {name!r} is shorter than one {r.seq_len}-token block; add text or lower it")
         train_sets.append(Dataset.from_dict(encode(blocks, prompt, tokenizer.pad_token_id)))
         eval_sets.append(Dataset.from_dict(encode(held, prompt, tokenizer.pad_token_id)))
@@ -177,3 +184,18 @@ class WindowTrainer(transformers.Trainer):
 
     def _get_train_sampler(self, *args, **kwargs):
         return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+class RewarmTrainer(WindowTrainer):
+    """A WindowTrainer whose learning rate follows `rewarm_factor`: re-warmed from lr_floor x peak, re-decayed to it."""
+
+    def __init__(self, *args, lr_floor: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lr_floor = lr_floor
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            warmup = self.args.get_warmup_steps(num_training_steps)
+            factor = partial(rewarm_factor, steps=num_training_steps, warmup=warmup, floor=self.lr_floor)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+        return self.lr_scheduler

@@ -1,7 +1,9 @@
-"""How the model changes from stage to stage: the growth schedule, growing, and each stage's step count."""
+"""How training changes from stage to stage: the growth schedule, growing, each stage's step count, and the
+re-warmed learning rate of `rewarm`."""
 
 from __future__ import annotations
 
+import math
 import re
 from typing import TYPE_CHECKING
 
@@ -48,6 +50,16 @@ def stage_steps(r: LifelongRecipe, model, per_step: int, seq: int, recover: int)
     total = int(r.budget_flops // (per_step * seq * fpt))
     recover = min(recover, total // 2)
     return recover, max(1, total - recover), fpt
+
+
+def rewarm_factor(step: int, steps: int, warmup: int, floor: float) -> float:
+    """The learning rate at `step` of a stage of `steps`, as a share of the peak (Ibrahim et al. 2024): a linear
+    re-warm from `floor` over `warmup` steps, then a cosine re-decay that reaches `floor` as the stage ends, so the
+    next stage re-warms from where this one stopped."""
+    if step < warmup:
+        return floor + (1 - floor) * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def grow_stage(model, growth, r: LifelongRecipe, k: int):
