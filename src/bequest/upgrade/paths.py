@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import torch
 
+from bequest.data.corpus import corpus_docs
+from bequest.data.prepare import task_splits
 from bequest.errors import BequestError
 from bequest.grow import GrowSpec, grow
 from bequest.grow.spec import SIZES
@@ -19,7 +21,7 @@ from bequest.peft import attach, new_config, with_module
 from bequest.port.carry import port_module
 from bequest.recipe import PeftFields, read_yaml
 from bequest.task_weights import check_module_fits, delta_init
-from bequest.upgrade.sources import Source, shape
+from bequest.upgrade.sources import Source, TaskData, shape
 
 
 @dataclass
@@ -32,7 +34,7 @@ class Move:
     relation: Relation
     labels: int | None
     seed: int
-    texts: list[str]  # what a transfer measures both models on
+    task: TaskData | None  # its task data (a transfer measures both models on its inputs)
     tokenizers: tuple  # (OLD's, NEW's)
 
 
@@ -98,13 +100,21 @@ def transfer(move: Move):
     from bequest.transfer import measure, transfer_full, transfer_module
 
     old, new = _base(move.old), _base(move.new)
-    alignment = measure(old, new, *move.tokenizers, move.texts)
+    alignment = measure(old, new, *move.tokenizers, _texts(move.task))
     if move.source.module is not None:
         module, report = transfer_module(move.source.module, alignment, load_config(move.new))
         return attach(_host(move), module, trainable=True), report
     tuned = load_model(move.source.path, with_tokenizer=False)[0]
     model, report = transfer_full(tuned, old, new, alignment)
     return model.train(), report
+
+
+def _texts(task: TaskData | None) -> list[str]:
+    """What a transfer measures OLD and NEW on: the task's training inputs, else the embedded corpus."""
+    if task is not None:
+        train_set, _ = task_splits(task.data, train_examples=512, files=task)
+        return list(train_set["text"])
+    return [d.text for d in corpus_docs(None, "train")[:512]]
 
 
 def fresh(move: Move):

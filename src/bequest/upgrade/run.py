@@ -15,8 +15,7 @@ from pathlib import Path
 
 from bequest.anatomy import anatomy, name_labels
 from bequest.data import same_tokenizer
-from bequest.data.corpus import corpus_docs
-from bequest.data.prepare import check_room, task_sets, task_splits
+from bequest.data.prepare import check_room, task_sets
 from bequest.engine import accuracy, curve, prepare_work, train, train_flops_per_token
 from bequest.errors import BequestError
 from bequest.io import atomic_dir, check_model, hold, load_config, load_tokenizer, make_dir, save_recipe
@@ -115,8 +114,7 @@ def _one(r: UpgradeRecipe, path: str, given: str | None, dest: Path, link, token
             raise BequestError(f"{path} predicts {labels} labels but its task data has {sets['new'][2]}")
         labels = sets["new"][2]
     teacher = on_old(source, r.from_, r.seed)
-    texts = _texts(task)
-    move = Move(source, Path(r.from_), Path(r.to), link, labels, r.seed, texts, tokenizers)
+    move = Move(source, Path(r.from_), Path(r.to), link, labels, r.seed, task, tokenizers)
     student, how = start(method, move)
     if sets is not None:
         name_labels(student.config, sets["new"][0].features["label"].names)
@@ -166,14 +164,6 @@ def _fresh(r, move: Move, tokenizer, sets, dest: Path, progress: bool) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"acc_step0": step0, **result}
-
-
-def _texts(task) -> list[str]:
-    """What a transfer measures OLD and NEW on: the task's training inputs, else the embedded corpus."""
-    if task is not None:
-        train_set, _ = task_splits(task.data, train_examples=512, files=task)
-        return list(train_set["text"])
-    return [d.text for d in corpus_docs(None, "train")[:512]]
 
 
 def _teacher(model, tokenizers, max_len: int):
