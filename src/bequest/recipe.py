@@ -239,9 +239,13 @@ class LoraFields(Recipe):
 
 
 def _kinds() -> tuple[str, ...]:
-    from bequest.peft import KINDS
+    """The PEFT kinds' names: those of `bequest.peft`'s kind modules, which its registry checks are the same.
+    Read from the package's files, not imported: a kind imports torch, and every command would pay for it."""
+    import importlib.util
+    import pkgutil
 
-    return tuple(KINDS)
+    spec = importlib.util.find_spec("bequest.peft")
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(spec.submodule_search_locations) if m.name != "kind"))
 
 
 PeftKind = Literal[_kinds()]

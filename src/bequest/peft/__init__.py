@@ -34,8 +34,12 @@ PEFT_TASKS = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "base": "FEATURE_E
 
 def _registry() -> dict[str, Kind]:
     """{name: kind} of every module here that registers a `KIND`, in their listing order."""
-    kinds = [getattr(importlib.import_module(f"{__name__}.{m.name}"), "KIND", None) for m in pkgutil.iter_modules(__path__)]
-    kinds = sorted((k for k in kinds if k is not None), key=lambda k: k.order)
+    found = {m.name: getattr(importlib.import_module(f"{__name__}.{m.name}"), "KIND", None) for m in pkgutil.iter_modules(__path__)}
+    found.pop("kind")
+    for module, k in found.items():  # bequest.recipe lists the kinds by module name without importing them
+        if k is None or k.name != module:
+            raise RuntimeError(f"bequest.peft.{module} must register a KIND named {module!r}")
+    kinds = sorted(found.values(), key=lambda k: k.order)
     for attr in ("name", "peft_type", "order"):
         values = [getattr(k, attr) for k in kinds]
         if len(set(values)) != len(values):
