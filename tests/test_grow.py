@@ -335,7 +335,7 @@ def test_grow_command_round_trip(tmp_path, capsys, monkeypatch):
 
     with monkeypatch.context() as m:  # refused before any work: nothing is written or read
         m.setattr("bequest.grow.sharded.write", lambda *a, **k: pytest.fail("wrote before refusing"))
-        m.setattr("bequest.grow.command.probe_folders", lambda *a, **k: pytest.fail("probed before refusing"))
+        m.setattr("bequest.grow.command.probing", lambda *a, **k: pytest.fail("probed before refusing"))
         with pytest.raises(BequestError, match="already exists"):
             grow_command(recipe)
         with pytest.raises(BequestError, match="multiple of 8"):  # judged from config.json alone

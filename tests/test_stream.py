@@ -178,7 +178,7 @@ def test_probe_takes_copied_blocks_only_when_their_bytes_on_disk_match(tmp_path,
     with atomic_dir(out) as folder:  # blocks: 0, a new one, 1, a new one; in one file
         sharded.write(sharded.plan(src, GrowSpec(layers=4), shard_size=10**9), folder, progress=False)
     ran, real = [], Model.block
-    monkeypatch.setattr(Model, "block", lambda self, h, i, keep=False: ran.append((self.layers, i)) or real(self, h, i, keep))
+    monkeypatch.setattr(Model, "block", lambda self, h, i: ran.append((self.layers, i)) or real(self, h, i))
     ids = probe_ids(read_config(src))
     assert probe_folders(src, out, ids) == 0
     assert sorted(ran) == [(2, 0), (2, 1), (4, 1), (4, 3)]  # the source's blocks and the two new ones

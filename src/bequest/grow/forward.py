@@ -4,7 +4,7 @@ The growth probe runs it on a few tokens of the source and the grown checkpoint.
 of bequest's families as transformers computes it in fp32 (written from their modeling code), without
 transformers' model code or torch: their imports alone take longer than growing a 2 GB checkpoint.
 Weights become fp32 a slice at a time (bf16 is the top half of an fp32), so memory holds a slice, a
-few tokens' activations and, while asked to `keep` them, one block's stored bytes.
+few tokens' activations.
 
 `Model.unsupported` names what a config asks for that this does not do (another RoPE kind, a sliding
 window shorter than the probe, an activation it lacks); the probe then runs transformers' modules.
@@ -116,8 +116,6 @@ class Model:
                 with contextlib.suppress(BequestError):  # a buffer saved with the weights
                     self.stored[str(anat.slots([name])[name])] = s
         self.reader = TensorReader(stack)
-        self.kept: dict[str, np.ndarray] = {}  # the stored bytes of the block run last with keep=True
-        self._keeping: dict | None = None  # while a block runs with keep=True: its bytes mapped so far
         # One slice's fp32 values, reused: a fresh buffer for every slice would leave the heap as big as
         # the biggest mix of them (glibc keeps freed pages). bf16 slices have their own, zeros below.
         self._floats = {dtype: np.zeros(CHUNK, dtype=np.float32) for dtype in ("BF16", "F16", "F64")}
@@ -175,13 +173,8 @@ class Model:
             yield first, _fp32(part, s.dtype, out).reshape(n, *s.shape[1:])
 
     def _raw(self, key: str) -> np.ndarray:
-        """The stored bytes of `key`, mapped from the shard; while a block is kept, they stay mapped."""
-        if key in self.kept:
-            return self.kept[key]
-        raw = np.frombuffer(self.reader.mapped(self.stored[key]), dtype=np.uint8)
-        if self._keeping is not None:
-            self._keeping[key] = raw
-        return raw
+        """The stored bytes of `key`, mapped from the shard."""
+        return np.frombuffer(self.reader.mapped(self.stored[key]), dtype=np.uint8)
 
     def vector(self, key: str) -> np.ndarray:
         return np.concatenate([rows.copy() for _, rows in self._slices(key)])
@@ -238,20 +231,13 @@ class Model:
         x = x.reshape(-1, x.shape[-1]).astype(np.float32)
         return self.norm(x, "embed.norm") if "embed.norm" in fam.embed else x
 
-    def block(self, h: np.ndarray, i: int, keep: bool = False) -> np.ndarray:
-        """Block i on h; with `keep`, its stored bytes stay in `kept` until the next block kept."""
-        if keep:
-            self.kept, self._keeping = {}, {}
-        try:
-            at = f"layer.{i}."
-            if self.fam.norm_position == "pre":
-                h = h + self.attention(self.norm(h, at + "norm.attn"), i)
-                return h + self.mlp(self.norm(h, at + "norm.mlp"), i)
-            h = self.norm(h + self.attention(h, i), at + "norm.attn")
-            return self.norm(h + self.mlp(h, i), at + "norm.mlp")
-        finally:
-            if keep:
-                self.kept, self._keeping = self._keeping, None
+    def block(self, h: np.ndarray, i: int) -> np.ndarray:
+        at = f"layer.{i}."
+        if self.fam.norm_position == "pre":
+            h = h + self.attention(self.norm(h, at + "norm.attn"), i)
+            return h + self.mlp(self.norm(h, at + "norm.mlp"), i)
+        h = self.norm(h + self.attention(h, i), at + "norm.attn")
+        return self.norm(h + self.mlp(h, i), at + "norm.mlp")
 
     def attention(self, x: np.ndarray, i: int) -> np.ndarray:
         anat, at = self.anat, f"layer.{i}.attn."
@@ -316,8 +302,8 @@ class Model:
         return list(h.reshape(batch, 1, tokens, -1))
 
     def same_block(self, j: int, other: Model, i: int) -> bool:
-        """Whether block j computes what block i of `other`, run last with keep=True, computed: the same
-        math and, compared in full, the same stored bytes."""
+        """Whether block j computes what block i of `other` computes: the same math and, compared in full,
+        the same stored bytes."""
         if (self.math, self._scale(j)) != (other.math, other._scale(i)):
             return False
         mine = {k.split(".", 2)[2]: s for k, s in self.stored.items() if k.startswith(f"layer.{j}.")}
@@ -325,13 +311,11 @@ class Model:
         if mine.keys() != theirs.keys() or any((s.dtype, s.shape) != (theirs[k].dtype, theirs[k].shape)
                                                for k, s in mine.items()):
             return False
-        return all(self._equal(s, other.kept.get(f"layer.{i}.{k}")) for k, s in mine.items())
+        return all(self._equal(s, other._raw(f"layer.{i}.{k}")) for k, s in mine.items())
 
-    def _equal(self, s: StoredTensor, raw: np.ndarray | None) -> bool:
+    def _equal(self, s: StoredTensor, raw: np.ndarray) -> bool:
         """Whether `s` holds the bytes `raw`, compared a slice at a time (8 bytes at a time: a third of
         the time byte by byte takes)."""
-        if raw is None:
-            return False
         mine = np.frombuffer(self.reader.mapped(s), dtype=np.uint8)
         step = CHUNK * 8
         for begin in range(0, s.nbytes, step):

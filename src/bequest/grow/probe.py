@@ -1,12 +1,14 @@
 """How far a grown model's function moved: max |Δ logits| against its source on a fixed probe batch.
 
-On saved models the probe never holds a model. Both run side by side on the probe batch, module by
-module, each weight read from the shards just before it is used (grow/forward.py: numpy, so neither
-torch nor transformers' model code is imported). A block of the grown model that holds the very bytes
-of the source block just run, and gets the very input that block got, has that block's output: the
-probe compares the bytes in full and takes the output instead of computing it again (depth growth's
-copied blocks). For configs the numpy forward does not cover, transformers' own modules run instead,
-one at a time from the shards as well.
+On saved models the probe never holds a model. Each runs on the probe batch module by module, each
+weight read from the shards just before it is used (grow/forward.py: numpy, so neither torch nor
+transformers' model code is imported). The source's pass, most of the work, needs only the source: it
+runs in a thread while the grown model is written, and keeps each block's input and output. A block of
+the grown model that holds the very bytes of a source block and gets the very input that block got
+has that block's output: the probe compares the bytes in full and takes the output instead of
+computing it again (depth growth's copied blocks). For configs the numpy forward does not cover,
+transformers' own modules run instead, one at a time from the shards as well, once the grown model is
+written.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import threading
 import warnings
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -30,31 +35,50 @@ PROBE = (2, 16)  # sequences x tokens of the fixed probe batch
 
 def probe_folders(src: Path, grown: Path, ids: np.ndarray) -> float:
     """max |Δ outputs| of two saved models on `ids`, module by module from their shards."""
-    with contextlib.ExitStack() as stack:
-        old, new = Model(src, ids, stack), Model(grown, ids, stack)
-        if old.unsupported() or new.unsupported():
-            return worst_change(folder_outputs(src, ids), folder_outputs(grown, ids))
-        with one_blas_thread():
-            return worst_change(*side_by_side(old, new))
+    with probing(src, ids) as against:
+        return against(grown)
 
 
-def side_by_side(old: Model, new: Model) -> tuple[list, list]:
-    """The outputs of both models, block by block. Before each grown block, the source runs its next block
-    (keeping its bytes) if that block gets the input the grown one gets; a grown block with the bytes and
-    the input of the source block run last takes its output."""
-    h_old, h_new = old.embed(), new.embed()
-    i, last = 0, None  # the next source block; the source block run last: (index, input, output)
+@contextlib.contextmanager
+def probing(src: Path, ids: np.ndarray) -> Iterator[Callable[[Path], float]]:
+    """Starts the source's pass on `ids` in a thread and yields `against(grown)`: max |Δ outputs| of the
+    grown folder, once written, against the source. Leaving early stops the pass at its next block."""
+    with contextlib.ExitStack() as stack, one_blas_thread():
+        old, stop = Model(src, ids, stack), threading.Event()
+        pass_ = None
+        if not old.unsupported():
+            pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="probe"))
+            stack.callback(stop.set)  # runs before the pool waits for the thread
+            pass_ = pool.submit(source_pass, old, stop)
+
+        def against(grown: Path) -> float:
+            new = Model(grown, ids, stack)
+            if pass_ is None or new.unsupported():
+                return worst_change(folder_outputs(src, ids), folder_outputs(grown, ids))
+            trace, outputs = pass_.result()
+            return worst_change(outputs, grown_pass(new, old, trace))
+
+        yield against
+
+
+def source_pass(old: Model, stop: threading.Event) -> tuple[list, list]:
+    """The source's outputs, and each block's (input, output) on the way."""
+    h, trace = old.embed(), []
+    for i in range(old.layers):
+        if stop.is_set():
+            raise BequestError("the probe was stopped")
+        trace.append((h, old.block(h, i)))
+        h = trace[-1][1]
+    return trace, old.outputs(h)
+
+
+def grown_pass(new: Model, old: Model, trace: list) -> list:
+    """The grown model's outputs; a block that has a source block's bytes and input takes its output."""
+    h = new.embed()
     for j in range(new.layers):
-        if (last is None or not np.array_equal(last[1], h_new)) and i < old.layers and np.array_equal(h_old, h_new):
-            last = (i, h_old, old.block(h_old, i, keep=True))
-            h_old, i = last[2], i + 1
-        if last is not None and np.array_equal(last[1], h_new) and new.same_block(j, old, last[0]):
-            h_new = last[2]
-        else:
-            h_new = new.block(h_new, j)
-    for i in range(i, old.layers):
-        h_old = old.block(h_old, i)
-    return old.outputs(h_old), new.outputs(h_new)
+        same = next((out for i, (x, out) in enumerate(trace) if np.array_equal(x, h) and new.same_block(j, old, i)), None)
+        h = new.block(h, j) if same is None else same
+    return new.outputs(h)
 
 
 def max_abs_logit_change(old, new, probe_ids) -> float:
