@@ -14,7 +14,7 @@ SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if p.name != "common.py")
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_quick_mode(tmp_path, script):
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if "PYTEST_XDIST_WORKER" in os.environ else "2"}  # a core per worker
     r = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--out-dir", str(tmp_path)],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

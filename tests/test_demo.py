@@ -22,8 +22,9 @@ from bequest.report.metrics import fmt, percent
 
 from conftest import STOP_AFTER, files_of
 
-# The first test here to ask for conftest.demo_run runs the session's quick demo in its setup.
-pytestmark = pytest.mark.timeout(900)
+# The first test here to ask for conftest.demo_run runs the session's quick demo in its setup; under
+# pytest-xdist, every test that asks for it runs on one worker (group "demo"), so the demo runs once.
+pytestmark = [pytest.mark.timeout(900), pytest.mark.xdist_group("demo")]
 
 
 def test_quick_demo_runs_every_stage(demo_run):

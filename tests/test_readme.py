@@ -41,6 +41,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 @pytest.mark.timeout(900)  # may run the session's quick demo (conftest.demo_run) in its setup
+@pytest.mark.xdist_group("demo")  # on the worker that runs it for tests/test_demo.py
 def test_readme_commands_run(tmp_path, monkeypatch, demo_run):
     monkeypatch.chdir(tmp_path)
     cmds = bequest_commands()
