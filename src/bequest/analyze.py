@@ -27,6 +27,7 @@ from bequest.data.prepare import task_splits
 from bequest.engine.data import labelled
 from bequest.errors import BequestError
 from bequest.io import atomic_dir, check_output, load_model, save_recipe
+from bequest.transfer.fit import cka
 from bequest.recipe import OutputFields, TaskFields
 
 Kind = Literal["lmc", "weights", "similarity"]
@@ -121,14 +122,6 @@ def lmc(a, b, encoded, tokenizer, points: int = 21, batch_size: int = 32) -> dic
     barrier = max(r["loss"] - ((1 - r["lambda"]) * ends[0] + r["lambda"] * ends[1]) for r in rows)
     return {"points": rows, "loss_barrier": barrier,
             "accuracy_drop": min(rows[0]["accuracy"], rows[-1]["accuracy"]) - min(r["accuracy"] for r in rows)}
-
-
-def cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA of two representations of the same N rows: 1 when equal up to rotation and scale."""
-    x = x.double() - x.double().mean(0)
-    y = y.double() - y.double().mean(0)
-    cross = (y.T @ x).norm() ** 2
-    return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()).clamp_min(1e-30))
 
 
 @torch.no_grad()
