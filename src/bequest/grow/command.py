@@ -70,7 +70,7 @@ def grow_command(r: GrowRecipe) -> dict:
             start = time.perf_counter()
             report["max_abs_logit_change"] = against(folder)
             report["probe"] = {"shape": list(probe.shape), "seed": 0, "ids": "uniform over the vocabulary"}
-            report["seconds"]["probe after write"] = time.perf_counter() - start
+            report["seconds"]["probe_after_write"] = time.perf_counter() - start
         sharded.copy_tokenizer(r.src, folder)
         lineage = {"parent": str(r.src), "operation": "grow", "recipe": r.model_dump(), "version": __version__}
         save_recipe(folder, r.model_dump())
