@@ -365,7 +365,24 @@ def test_metrics_of_a_hand_computed_matrix():
     assert m["average_accuracy"] == pytest.approx((0.50 + 0.70 + 0.90) / 3)
     assert m["bwt"] == pytest.approx(((0.50 - 0.90) + (0.70 - 0.80)) / 2)
     assert m["forgetting"] == pytest.approx(((0.95 - 0.50) + (0.80 - 0.70)) / 2)  # the best earlier row, not R[j][j]
-    assert continual_metrics([[0.4]]) == {"average_accuracy": 0.4, "bwt": None, "forgetting": None}
+    assert m["fwt"] is None  # no accuracies before training, no forward transfer
+    assert continual_metrics([[0.4]], [0.1]) == {"average_accuracy": 0.4, "last_task_accuracy": 0.4, "bwt": None,
+                                                 "forgetting": None, "fwt": None}
+
+
+def test_forward_transfer_and_last_task_accuracy_by_hand():
+    r = [[0.90, 0.10, 0.20],
+         [0.95, 0.80, 0.30],
+         [0.50, 0.70, 0.85]]
+    before = [0.25, 0.40, 0.05]
+    m = continual_metrics(r, before)
+    # Task j's accuracy after task j-1 (the superdiagonal) minus its accuracy before any training, for j >= 1:
+    # (0.10 - 0.40) + (0.30 - 0.05). The sign flipped would give +0.025, the diagonal 0.625, b[j-1] -0.125,
+    # the subdiagonal 0.6.
+    assert m["fwt"] == pytest.approx(((0.10 - 0.40) + (0.30 - 0.05)) / 2) == pytest.approx(-0.025)
+    assert m["last_task_accuracy"] == pytest.approx(0.85)  # the last row's last entry, not its mean nor R[0][0]
+    assert m["average_accuracy"] == pytest.approx((0.50 + 0.70 + 0.85) / 3)
+    assert continual_metrics([row[:2] for row in r[:2]], before[:2])["fwt"] == pytest.approx(0.10 - 0.40)
 
 
 def test_replay_memory_is_bounded_shared_and_mixed_at_its_fraction():
@@ -413,24 +430,37 @@ def test_learn_writes_matrix_metrics_heatmap_and_model(tmp_path, tiny_models):
     matrix = json.loads((out / "matrix.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     assert matrix["tasks"] == ["kind", "visibility"] and len(matrix["accuracy"]) == 2
-    assert all(len(row) == 2 for row in matrix["accuracy"])
-    assert {k: metrics[k] for k in ("average_accuracy", "bwt", "forgetting")} == continual_metrics(matrix["accuracy"])
+    assert all(len(row) == 2 for row in matrix["accuracy"]) and len(matrix["initial"]) == 2
+    figures = continual_metrics(matrix["accuracy"], matrix["initial"])
+    assert {k: metrics[k] for k in figures} == figures and metrics["fwt"] is not None
     assert (out / "heatmap.png").stat().st_size > 1000 and (out / "recipe.yaml").exists()
     assert sorted(p.name for p in (out / "tasks").iterdir()) == ["1-kind", "2-visibility"]
     assert not list(out.glob("tasks/*/checkpoints")) and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
-    # The last row is the saved model's real accuracy: score it again, by hand, inside each task's labels.
+    # The last row is the saved model's real accuracy, the initial row the untrained one's (the base model's body
+    # under the same seeded union head): score both again, by hand, inside each task's labels.
+    from bequest.continual.run import _union_head
+
     model, tok = load_model(out)
+    assert matrix["accuracy"][-1] == pytest.approx(_scored(model, tok, matrix))
+    untrained = _union_head(load_model(tiny_models["gpt2"])[0], list(model.config.id2label.values()), seed=0)
+    assert matrix["initial"] == pytest.approx(_scored(untrained, tok, matrix))
+    assert matrix["initial"] != pytest.approx(matrix["accuracy"][0])  # training the first task moved something
+    assert model.config.id2label[len(model.config.id2label) - 1] == f"visibility:{matrix['labels']['visibility'][-1]}"
+
+
+def _scored(model, tok, matrix) -> list[float]:
+    """Accuracy on each embedded task of a learn run (16 validation examples, 32 tokens), argmax inside its labels."""
     model.eval()
-    offset = 0
-    for j, name in enumerate(matrix["tasks"]):
+    offset, out = 0, []
+    for name in matrix["tasks"]:
         n = len(matrix["labels"][name])
         ds = labelled(data.load_task(name, "validation").select(range(16)), tok, 32)
         batch = transformers.DataCollatorWithPadding(tok)([{k: ex[k] for k in ("input_ids", "attention_mask")} for ex in ds])
         with torch.no_grad():
             pred = model(**batch).logits[:, offset : offset + n].argmax(-1)
-        assert matrix["accuracy"][-1][j] == pytest.approx((pred == torch.tensor(ds["label"])).float().mean().item())
+        out.append((pred == torch.tensor(ds["label"])).float().mean().item())
         offset += n
-    assert model.config.id2label[offset - 1] == f"visibility:{matrix['labels']['visibility'][-1]}"
+    return out
 
 
 @pytest.mark.parametrize("family,extra", [
