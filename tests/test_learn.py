@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 import transformers
+import yaml
 from datasets import Dataset
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -484,6 +485,80 @@ def test_learn_families_lora_and_generation(tmp_path, tiny_models, family, extra
         if head:
             names = json.loads((out / "adapter" / "labels.json").read_text())["names"]
             assert dict(enumerate(names)) == model.config.id2label and names[0].startswith("kind:")
+
+
+# ---------------------------------------------------------------- the user's own files as tasks
+
+
+def _user_files(root):
+    """A .jsonl file (labels neg/pos) and a folder of .csv files with a validation file (bug/feature/question),
+    text in a column named `body`."""
+    root.mkdir(exist_ok=True)
+    moods = ["neg", "pos"]
+    rows = [{"body": f"the {'awful slow' if i % 2 == 0 else 'great fast'} parser, take {i}", "label": moods[i % 2]}
+            for i in range(60)]
+    (root / "sentiment.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    kinds = ["bug", "feature", "question"]
+    (root / "tickets").mkdir(exist_ok=True)
+    for split, n in (("train", 30), ("validation", 7)):
+        lines = [f"please look at ticket {split} {i} about the {kinds[i % 3]},{kinds[i % 3]}" for i in range(n)]
+        (root / "tickets" / f"{split}.csv").write_text("body,label\n" + "\n".join(lines) + "\n")
+    return root
+
+
+FILES = ["--text-column", "body", "--validation-fraction", "0.3"]
+
+
+def test_learn_on_user_files_mixed_with_an_embedded_task(tmp_path, tiny_models):
+    files, out = _user_files(tmp_path / "mine"), tmp_path / "run"
+    tasks = f"{files / 'sentiment.jsonl'},kind,{files / 'tickets'}/"
+    r = invoke("learn", "--model", tiny_models["gpt2"], *FAST, "--tasks", tasks, *FILES, out)
+    assert r.exit_code == 0, r.output
+    matrix = json.loads((out / "matrix.json").read_text())
+    assert matrix["tasks"] == ["sentiment", "kind", "tickets"]  # a file's stem, a folder's name
+    assert matrix["labels"] == {"sentiment": ["neg", "pos"], "kind": data.task_labels("kind"),
+                                "tickets": ["bug", "feature", "question"]}
+    assert len(matrix["accuracy"]) == 3 and all(len(row) == 3 for row in [matrix["initial"], *matrix["accuracy"]])
+    # tickets is scored on its 7 validation rows (its 30 training rows would give 16ths: --eval-examples 16)
+    assert all(abs(7 * row[2] - round(7 * row[2])) < 1e-9 for row in [matrix["initial"], *matrix["accuracy"]])
+    assert load_model(out)[0].config.id2label[len(data.task_labels("kind")) + 2] == "tickets:bug"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tasks"] == matrix["tasks"] and metrics["fwt"] is not None
+    assert metrics["last_task_accuracy"] == matrix["accuracy"][-1][-1]
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())  # what was read, and how, as finetune records it
+    assert recipe["tasks"] == tasks and "data" not in recipe
+    assert {k: recipe[k] for k in ("text_column", "label_column", "validation_fraction")} == \
+        {"text_column": "body", "label_column": "label", "validation_fraction": 0.3}
+    assert "before training" in (out / "report.md").read_text() and "forward transfer" in (out / "report.md").read_text()
+
+
+def test_learn_generates_the_labels_of_user_files(tmp_path, tiny_models):
+    files, out = _user_files(tmp_path / "mine"), tmp_path / "run"
+    r = invoke("learn", "--model", tiny_models["gpt2"], "--classify", "generate", *FAST,
+               "--tasks", f"{files / 'tickets'},{files / 'sentiment.jsonl'}", *FILES, out)
+    assert r.exit_code == 0, r.output
+    matrix = json.loads((out / "matrix.json").read_text())
+    assert matrix["tasks"] == ["tickets", "sentiment"] and matrix["labels"]["sentiment"] == ["neg", "pos"]
+    assert all(0.0 <= a <= 1.0 for row in [matrix["initial"], *matrix["accuracy"]] for a in row)
+
+
+@pytest.mark.parametrize("tasks,extra,expected", [
+    ("kind,{d}/nope.jsonl", [], "unknown task '{d}/nope.jsonl' in --tasks"),
+    ("{d}/single.jsonl,kind", [], "task single: {d}/single.jsonl: every row has the label 'pos'"),
+    ("kind,{d}/sentiment.jsonl", ["--text-column", "body", "--label-column", "mood"], "task sentiment: {d}/sentiment.jsonl has no column 'mood'"),
+    ("{d}/tickets,kind", [], "task tickets: {d}/tickets/train.csv has no column 'text'"),
+    ("{d}/sentiment.jsonl,{d}/again/sentiment.csv", [], "names the task 'sentiment' twice"),
+    ("kind,{d}/a,b.jsonl", [], "'{d}/a,b.jsonl' has a comma, which separates tasks"),
+])
+def test_bad_task_files_exit_2_naming_the_task(tmp_path, tiny_models, tasks, extra, expected):
+    d = _user_files(tmp_path / "mine")
+    (d / "single.jsonl").write_text("".join(json.dumps({"text": f"row {i}", "label": "pos"}) + "\n" for i in range(20)))
+    (d / "again").mkdir()
+    (d / "again" / "sentiment.csv").write_text("text,label\nfine,pos\nbad,neg\n")
+    (d / "a,b.jsonl").write_text((d / "sentiment.jsonl").read_text())
+    r = invoke("learn", "--model", tiny_models["gpt2"], "--tasks", tasks.format(d=d), *extra, tmp_path / "out")
+    assert r.exit_code == 2 and expected.format(d=d) in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
 @pytest.mark.parametrize("args,expected", [

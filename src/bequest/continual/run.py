@@ -100,14 +100,14 @@ def learn(r: LearnRecipe, *, progress: bool = True) -> dict:
 
 def _prepare(r: LearnRecipe):
     """(model, tokenizer, tasks): the model ready to train, every task tokenized, all checked up front."""
-    names = r.task_list()
+    listed = r.task_list()
     if r.classify == "generate":
         family = family_of(load_config(r.model))
         if "causal_lm" not in family.tasks:
             raise BequestError(f"{family.name} has no causal LM head to generate labels with; use --classify head")
     tasks, offset = [], 0
-    for name in names:
-        tasks.append(Task(name, offset))
+    for name, source in listed:
+        tasks.append(Task(name, source, offset, r))
         offset += len(tasks[-1].labels)
     # Head mode loads the checkpoint as it was saved (no head left "newly initialised"), then swaps the head.
     model, tokenizer = load_model(r.model, task=None if r.classify == "head" else "causal_lm")
