@@ -152,8 +152,9 @@ BROKEN_DATA = {
 }
 
 
-DATA_VERBS = {"finetune": ["finetune", "--model", "{GOOD}", "--data", "{DATA}", "--steps", "1", "--max-len", "32", "{OUT}"],
-              "learn": ["learn", "--model", "{GOOD}", "--tasks", "kind,{DATA}", "--steps", "1", "--max-len", "32", "{OUT}"]}
+SHORT = ["--steps", "1", "--max-len", "32", "{OUT}"]
+DATA_VERBS = {"finetune": ["finetune", "--model", "{GOOD}", "--data", "{DATA}", *SHORT],
+              "learn": ["learn", "--model", "{GOOD}", "--tasks", "kind,{DATA}", *SHORT]}
 
 
 @pytest.mark.parametrize("verb", DATA_VERBS)

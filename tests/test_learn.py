@@ -529,7 +529,8 @@ def test_learn_on_user_files_mixed_with_an_embedded_task(tmp_path, tiny_models):
     assert recipe["tasks"] == tasks and "data" not in recipe
     assert {k: recipe[k] for k in ("text_column", "label_column", "validation_fraction")} == \
         {"text_column": "body", "label_column": "label", "validation_fraction": 0.3}
-    assert "before training" in (out / "report.md").read_text() and "forward transfer" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "before training" in report and "forward transfer" in report
 
 
 def test_learn_generates_the_labels_of_user_files(tmp_path, tiny_models):
@@ -545,7 +546,8 @@ def test_learn_generates_the_labels_of_user_files(tmp_path, tiny_models):
 @pytest.mark.parametrize("tasks,extra,expected", [
     ("kind,{d}/nope.jsonl", [], "unknown task '{d}/nope.jsonl' in --tasks"),
     ("{d}/single.jsonl,kind", [], "task single: {d}/single.jsonl: every row has the label 'pos'"),
-    ("kind,{d}/sentiment.jsonl", ["--text-column", "body", "--label-column", "mood"], "task sentiment: {d}/sentiment.jsonl has no column 'mood'"),
+    ("kind,{d}/sentiment.jsonl", ["--text-column", "body", "--label-column", "mood"],
+     "task sentiment: {d}/sentiment.jsonl has no column 'mood'"),
     ("{d}/tickets,kind", [], "task tickets: {d}/tickets/train.csv has no column 'text'"),
     ("{d}/sentiment.jsonl,{d}/again/sentiment.csv", [], "names the task 'sentiment' twice"),
     ("kind,{d}/a,b.jsonl", [], "'{d}/a,b.jsonl' has a comma, which separates tasks"),
