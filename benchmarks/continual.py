@@ -9,6 +9,7 @@ generating labels, its LM head masked like any linear layer), and LoRA with the 
 random), migu+replay@T, and under full fine-tuning the same with scope `all` (`migu/all@T`: embeddings,
 norms and biases masked too, by the same output-feature magnitudes; LoRA freezes those, so there it is the
 same as migu). Reported per setting: average accuracy after the last task (ACC), backward transfer (BWT),
+forward transfer (FWT: each task's accuracy just before its turn, less its accuracy before any training),
 forgetting and learning accuracy (each task's accuracy right after it was learnt: how much a method still
 learns), as mean and standard deviation over the 6 streams, in percentage points; MIGU minus seq paired
 by stream; and the ACC of always answering each task's majority class, the floor a model that learns
@@ -34,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-METRICS = ("average_accuracy", "bwt", "forgetting", "learning_accuracy")
+METRICS = ("average_accuracy", "bwt", "fwt", "forgetting", "learning_accuracy")
 # A setting: how the model is tuned and how it names labels; scope `all` differs from `linear` only where
 # embeddings and norms train, so LoRA runs the paper's scope alone.
 SETTINGS = {"full": dict(lora=False, classify="head", scopes=("", "/all")),
@@ -237,7 +238,7 @@ def run_stream(job: dict) -> dict:
     m = learn(r, progress=False)
     matrix = json.loads((out / "matrix.json").read_text())["accuracy"]
     s = {"setting": job["setting"], "order": job["order"], "seed": job["seed"], "method": name,
-         **{k: m[k] for k in ("average_accuracy", "bwt", "forgetting", "seconds")}, "matrix": matrix,
+         **{k: m[k] for k in ("average_accuracy", "bwt", "fwt", "forgetting", "seconds")}, "matrix": matrix,
          "learning_accuracy": statistics.fmean(matrix[i][i] for i in range(len(matrix)))}
     print(f"{job['setting']:13} order {job['order_id']} seed {job['seed']} {name:20} ACC {100 * s['average_accuracy']:5.1f} "
           f"BWT {100 * s['bwt']:+6.1f} forgetting {100 * s['forgetting']:5.1f}  ({s['seconds']:.0f} s)", flush=True)

@@ -152,11 +152,16 @@ BROKEN_DATA = {
 }
 
 
+SHORT = ["--steps", "1", "--max-len", "32", "{OUT}"]
+DATA_VERBS = {"finetune": ["finetune", "--model", "{GOOD}", "--data", "{DATA}", *SHORT],
+              "learn": ["learn", "--model", "{GOOD}", "--tasks", "kind,{DATA}", *SHORT]}
+
+
+@pytest.mark.parametrize("verb", DATA_VERBS)
 @pytest.mark.parametrize("broken", BROKEN_DATA)
-def test_broken_data_is_one_line_and_nothing_is_left(good, tmp_path, broken):
+def test_broken_data_is_one_line_and_nothing_is_left(good, tmp_path, broken, verb):
     (tmp_path / "data.jsonl").write_text(BROKEN_DATA[broken])
-    code, output = run(["finetune", "--model", "{GOOD}", "--data", "{DATA}", "--steps", "1", "--max-len", "32", "{OUT}"],
-                       GOOD=good / "good", DATA=tmp_path / "data.jsonl", OUT=tmp_path / "out")
+    code, output = run(DATA_VERBS[verb], GOOD=good / "good", DATA=tmp_path / "data.jsonl", OUT=tmp_path / "out")
     assert code == 2 and one_error_line(output), output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
 

@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 import transformers
+import yaml
 from datasets import Dataset
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -365,7 +366,24 @@ def test_metrics_of_a_hand_computed_matrix():
     assert m["average_accuracy"] == pytest.approx((0.50 + 0.70 + 0.90) / 3)
     assert m["bwt"] == pytest.approx(((0.50 - 0.90) + (0.70 - 0.80)) / 2)
     assert m["forgetting"] == pytest.approx(((0.95 - 0.50) + (0.80 - 0.70)) / 2)  # the best earlier row, not R[j][j]
-    assert continual_metrics([[0.4]]) == {"average_accuracy": 0.4, "bwt": None, "forgetting": None}
+    assert m["fwt"] is None  # no accuracies before training, no forward transfer
+    assert continual_metrics([[0.4]], [0.1]) == {"average_accuracy": 0.4, "last_task_accuracy": 0.4, "bwt": None,
+                                                 "forgetting": None, "fwt": None}
+
+
+def test_forward_transfer_and_last_task_accuracy_by_hand():
+    r = [[0.90, 0.10, 0.20],
+         [0.95, 0.80, 0.30],
+         [0.50, 0.70, 0.85]]
+    before = [0.25, 0.40, 0.05]
+    m = continual_metrics(r, before)
+    # Task j's accuracy after task j-1 (the superdiagonal) minus its accuracy before any training, for j >= 1:
+    # (0.10 - 0.40) + (0.30 - 0.05). The sign flipped would give +0.025, the diagonal 0.625, b[j-1] -0.125,
+    # the subdiagonal 0.6.
+    assert m["fwt"] == pytest.approx(((0.10 - 0.40) + (0.30 - 0.05)) / 2) == pytest.approx(-0.025)
+    assert m["last_task_accuracy"] == pytest.approx(0.85)  # the last row's last entry, not its mean nor R[0][0]
+    assert m["average_accuracy"] == pytest.approx((0.50 + 0.70 + 0.85) / 3)
+    assert continual_metrics([row[:2] for row in r[:2]], before[:2])["fwt"] == pytest.approx(0.10 - 0.40)
 
 
 def test_replay_memory_is_bounded_shared_and_mixed_at_its_fraction():
@@ -413,24 +431,37 @@ def test_learn_writes_matrix_metrics_heatmap_and_model(tmp_path, tiny_models):
     matrix = json.loads((out / "matrix.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     assert matrix["tasks"] == ["kind", "visibility"] and len(matrix["accuracy"]) == 2
-    assert all(len(row) == 2 for row in matrix["accuracy"])
-    assert {k: metrics[k] for k in ("average_accuracy", "bwt", "forgetting")} == continual_metrics(matrix["accuracy"])
+    assert all(len(row) == 2 for row in matrix["accuracy"]) and len(matrix["initial"]) == 2
+    figures = continual_metrics(matrix["accuracy"], matrix["initial"])
+    assert {k: metrics[k] for k in figures} == figures and metrics["fwt"] is not None
     assert (out / "heatmap.png").stat().st_size > 1000 and (out / "recipe.yaml").exists()
     assert sorted(p.name for p in (out / "tasks").iterdir()) == ["1-kind", "2-visibility"]
     assert not list(out.glob("tasks/*/checkpoints")) and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
-    # The last row is the saved model's real accuracy: score it again, by hand, inside each task's labels.
+    # The last row is the saved model's real accuracy, the initial row the untrained one's (the base model's body
+    # under the same seeded union head): score both again, by hand, inside each task's labels.
+    from bequest.continual.run import _union_head
+
     model, tok = load_model(out)
+    assert matrix["accuracy"][-1] == pytest.approx(_scored(model, tok, matrix))
+    untrained = _union_head(load_model(tiny_models["gpt2"])[0], list(model.config.id2label.values()), seed=0)
+    assert matrix["initial"] == pytest.approx(_scored(untrained, tok, matrix))
+    assert matrix["initial"] != pytest.approx(matrix["accuracy"][0])  # training the first task moved something
+    assert model.config.id2label[len(model.config.id2label) - 1] == f"visibility:{matrix['labels']['visibility'][-1]}"
+
+
+def _scored(model, tok, matrix) -> list[float]:
+    """Accuracy on each embedded task of a learn run (16 validation examples, 32 tokens), argmax inside its labels."""
     model.eval()
-    offset = 0
-    for j, name in enumerate(matrix["tasks"]):
+    offset, out = 0, []
+    for name in matrix["tasks"]:
         n = len(matrix["labels"][name])
         ds = labelled(data.load_task(name, "validation").select(range(16)), tok, 32)
         batch = transformers.DataCollatorWithPadding(tok)([{k: ex[k] for k in ("input_ids", "attention_mask")} for ex in ds])
         with torch.no_grad():
             pred = model(**batch).logits[:, offset : offset + n].argmax(-1)
-        assert matrix["accuracy"][-1][j] == pytest.approx((pred == torch.tensor(ds["label"])).float().mean().item())
+        out.append((pred == torch.tensor(ds["label"])).float().mean().item())
         offset += n
-    assert model.config.id2label[offset - 1] == f"visibility:{matrix['labels']['visibility'][-1]}"
+    return out
 
 
 @pytest.mark.parametrize("family,extra", [
@@ -454,6 +485,82 @@ def test_learn_families_lora_and_generation(tmp_path, tiny_models, family, extra
         if head:
             names = json.loads((out / "adapter" / "labels.json").read_text())["names"]
             assert dict(enumerate(names)) == model.config.id2label and names[0].startswith("kind:")
+
+
+# ---------------------------------------------------------------- the user's own files as tasks
+
+
+def _user_files(root):
+    """A .jsonl file (labels neg/pos) and a folder of .csv files with a validation file (bug/feature/question),
+    text in a column named `body`."""
+    root.mkdir(exist_ok=True)
+    moods = ["neg", "pos"]
+    rows = [{"body": f"the {'awful slow' if i % 2 == 0 else 'great fast'} parser, take {i}", "label": moods[i % 2]}
+            for i in range(60)]
+    (root / "sentiment.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    kinds = ["bug", "feature", "question"]
+    (root / "tickets").mkdir(exist_ok=True)
+    for split, n in (("train", 30), ("validation", 7)):
+        lines = [f"please look at ticket {split} {i} about the {kinds[i % 3]},{kinds[i % 3]}" for i in range(n)]
+        (root / "tickets" / f"{split}.csv").write_text("body,label\n" + "\n".join(lines) + "\n")
+    return root
+
+
+FILES = ["--text-column", "body", "--validation-fraction", "0.3"]
+
+
+def test_learn_on_user_files_mixed_with_an_embedded_task(tmp_path, tiny_models):
+    files, out = _user_files(tmp_path / "mine"), tmp_path / "run"
+    tasks = f"{files / 'sentiment.jsonl'},kind,{files / 'tickets'}/"
+    r = invoke("learn", "--model", tiny_models["gpt2"], *FAST, "--tasks", tasks, *FILES, out)
+    assert r.exit_code == 0, r.output
+    matrix = json.loads((out / "matrix.json").read_text())
+    assert matrix["tasks"] == ["sentiment", "kind", "tickets"]  # a file's stem, a folder's name
+    assert matrix["labels"] == {"sentiment": ["neg", "pos"], "kind": data.task_labels("kind"),
+                                "tickets": ["bug", "feature", "question"]}
+    assert len(matrix["accuracy"]) == 3 and all(len(row) == 3 for row in [matrix["initial"], *matrix["accuracy"]])
+    # tickets is scored on its 7 validation rows (its 30 training rows would give 16ths: --eval-examples 16)
+    assert all(abs(7 * row[2] - round(7 * row[2])) < 1e-9 for row in [matrix["initial"], *matrix["accuracy"]])
+    assert load_model(out)[0].config.id2label[len(data.task_labels("kind")) + 2] == "tickets:bug"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tasks"] == matrix["tasks"] and metrics["fwt"] is not None
+    assert metrics["last_task_accuracy"] == matrix["accuracy"][-1][-1]
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())  # what was read, and how, as finetune records it
+    assert recipe["tasks"] == tasks and "data" not in recipe
+    assert {k: recipe[k] for k in ("text_column", "label_column", "validation_fraction")} == \
+        {"text_column": "body", "label_column": "label", "validation_fraction": 0.3}
+    report = (out / "report.md").read_text()
+    assert "before training" in report and "forward transfer" in report
+
+
+def test_learn_generates_the_labels_of_user_files(tmp_path, tiny_models):
+    files, out = _user_files(tmp_path / "mine"), tmp_path / "run"
+    r = invoke("learn", "--model", tiny_models["gpt2"], "--classify", "generate", *FAST,
+               "--tasks", f"{files / 'tickets'},{files / 'sentiment.jsonl'}", *FILES, out)
+    assert r.exit_code == 0, r.output
+    matrix = json.loads((out / "matrix.json").read_text())
+    assert matrix["tasks"] == ["tickets", "sentiment"] and matrix["labels"]["sentiment"] == ["neg", "pos"]
+    assert all(0.0 <= a <= 1.0 for row in [matrix["initial"], *matrix["accuracy"]] for a in row)
+
+
+@pytest.mark.parametrize("tasks,extra,expected", [
+    ("kind,{d}/nope.jsonl", [], "unknown task '{d}/nope.jsonl' in --tasks"),
+    ("{d}/single.jsonl,kind", [], "task single: {d}/single.jsonl: every row has the label 'pos'"),
+    ("kind,{d}/sentiment.jsonl", ["--text-column", "body", "--label-column", "mood"],
+     "task sentiment: {d}/sentiment.jsonl has no column 'mood'"),
+    ("{d}/tickets,kind", [], "task tickets: {d}/tickets/train.csv has no column 'text'"),
+    ("{d}/sentiment.jsonl,{d}/again/sentiment.csv", [], "names the task 'sentiment' twice"),
+    ("kind,{d}/a,b.jsonl", [], "'{d}/a,b.jsonl' has a comma, which separates tasks"),
+])
+def test_bad_task_files_exit_2_naming_the_task(tmp_path, tiny_models, tasks, extra, expected):
+    d = _user_files(tmp_path / "mine")
+    (d / "single.jsonl").write_text("".join(json.dumps({"text": f"row {i}", "label": "pos"}) + "\n" for i in range(20)))
+    (d / "again").mkdir()
+    (d / "again" / "sentiment.csv").write_text("text,label\nfine,pos\nbad,neg\n")
+    (d / "a,b.jsonl").write_text((d / "sentiment.jsonl").read_text())
+    r = invoke("learn", "--model", tiny_models["gpt2"], "--tasks", tasks.format(d=d), *extra, tmp_path / "out")
+    assert r.exit_code == 2 and expected.format(d=d) in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
 @pytest.mark.parametrize("args,expected", [

@@ -1,5 +1,6 @@
 """The README's commands keep working: the quick start, the recipe example, and CI runs its test line."""
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -19,7 +20,19 @@ FAST = ["--steps", "2", "--layers", "1", "--hidden", "32", "--heads", "2", "--vo
 TUNE = ["--max-len", "24", "--train-examples", "16", "--eval-examples", "8", "--batch-size", "4", "--eval-every", "1"]
 SHORT = {"pretrain": FAST, "continue-pretrain": ["--steps", "2", "--seq-len", "32", "--eval-blocks", "2",
                                                  "--batch-size", "2", "--eval-every", "1"],
-         "finetune": ["--steps", "2", *TUNE], "upgrade": TUNE, "demo": ["--quick"]}
+         "finetune": ["--steps", "2", *TUNE], "upgrade": TUNE, "learn": ["--steps-per-task", "2", *TUNE],
+         "demo": ["--quick"]}
+
+
+def write_learn_files(folder: Path) -> None:
+    """Stand-ins for the labelled files the README's `learn` example reads, laid out as the README says."""
+    moods = {"positive": "fast and clear", "negative": "slow and confusing"}
+    rows = [{"text": f"{words}, review {i}", "label": mood} for i in range(40) for mood, words in moods.items()]
+    (folder / "reviews.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (folder / "tickets").mkdir()
+    for split, n in (("train", 30), ("validation", 8)):
+        lines = [f"{kind} report number {i},{kind}" for i in range(n) for kind in ("bug", "feature")]
+        (folder / "tickets" / f"{split}.csv").write_text("text,label\n" + "\n".join(lines) + "\n")
 
 
 def bequest_commands() -> list[list[str]]:
@@ -44,6 +57,7 @@ def test_ci_runs_the_readme_test_command():
 @pytest.mark.xdist_group("demo")  # on the worker that runs it for tests/test_demo.py
 def test_readme_commands_run(tmp_path, monkeypatch, demo_run):
     monkeypatch.chdir(tmp_path)
+    write_learn_files(tmp_path)
     cmds = bequest_commands()
     assert cmds[0] == ["demo"]  # the first thing a newcomer runs shows what bequest is for
     for cmd in cmds:

@@ -1,8 +1,13 @@
 """`bequest learn`: continual fine-tuning through a stream of tasks, without forgetting (docs/methods.md, section 5).
 
-One model is fine-tuned on the tasks one after another; after each task every task is evaluated, which
-fills the accuracy matrix R[i][j] (accuracy on task j after training task i). From it: the average
-accuracy after the last task, backward transfer (BWT) and forgetting.
+One model is fine-tuned on the tasks one after another; every task is evaluated once before the first
+(the `initial` row) and again after each task, which fills the accuracy matrix R[i][j] (accuracy on task j
+after training task i). From them: the average accuracy after the last task, the last task's accuracy,
+backward transfer (BWT), forward transfer (FWT) and forgetting (`metrics.continual_metrics` defines each).
+
+A task is an embedded one (`domain`, `kind`, ...) or the user's labelled files (a .jsonl/.csv/.parquet
+file, or a folder with train and validation files), read as `bequest finetune --data` reads them and named
+after the file's stem or the folder; the two mix freely in one stream.
 
 How labels are predicted (`--classify`):
 - `head` (every family): ONE classification head over the union of all the tasks' labels, each task's
@@ -24,8 +29,8 @@ fine-tuning they carry much of what is forgotten). Full fine-tuning or LoRA (`--
 matrices are trained and masked, base weights frozen, the head trained in full). Each task is one run of
 the engine (fresh AdamW and schedule); an interrupted stream starts again from its first task.
 
-Modules: recipe (LearnRecipe, METHODS), tasks (tasks as data), evaluate (accuracy), metrics (ACC, BWT,
-forgetting, heat map), run (`learn` and the model, Trainer and output it needs).
+Modules: recipe (LearnRecipe, METHODS, the task list), tasks (tasks as data), evaluate (accuracy), metrics (ACC,
+BWT, FWT, forgetting, heat map), run (`learn` and the model, Trainer and output it needs).
 """
 
 from bequest.continual.metrics import continual_metrics, heatmap

@@ -30,7 +30,8 @@ from bequest.report import write_report
 
 
 def learn(r: LearnRecipe, *, progress: bool = True) -> dict:
-    """Fine-tune a model through a stream of tasks; write the accuracy matrix, ACC/BWT/forgetting and the model."""
+    """Fine-tune a model through a stream of tasks; write the accuracy matrix (and every task's accuracy before
+    training), ACC/BWT/FWT/forgetting and the model."""
     state = processes()
     check_output(r.out, r.overwrite)
     plan = METHODS[r.method]
@@ -44,7 +45,11 @@ def learn(r: LearnRecipe, *, progress: bool = True) -> dict:
     memory = Memory(seed=r.seed, size=r.replay_memory)
 
     work = prepare_work(r.out, r.model_dump(exclude={"overwrite"}), r.overwrite)
-    matrix, runs, started = [], [], time.perf_counter()
+    started = time.perf_counter()
+    initial = [accuracy(model, u, tokenizer, r.classify) for u in tasks]  # before training: FWT's baseline
+    if progress and state.is_main_process:
+        print("before training: " + ", ".join(f"{u.name} {a:.3f}" for u, a in zip(tasks, initial)))
+    matrix, runs = [], []
     for i, t in enumerate(tasks):
         folder = work / "tasks" / f"{i + 1}-{t.name}"
         if state.is_main_process:
@@ -69,7 +74,7 @@ def learn(r: LearnRecipe, *, progress: bool = True) -> dict:
             print(f"after {t.name}: " + ", ".join(f"{u.name} {a:.3f}" for u, a in zip(tasks, matrix[-1])))
 
     names = [t.name for t in tasks]
-    metrics = {**continual_metrics(matrix), "method": r.method, "lora": r.lora, "classify": r.classify,
+    metrics = {**continual_metrics(matrix, initial), "method": r.method, "lora": r.lora, "classify": r.classify,
                "tasks": names, "final_accuracy": dict(zip(names, matrix[-1])),
                "seconds": time.perf_counter() - started, "runs": runs}
     if state.is_main_process:
@@ -77,14 +82,15 @@ def learn(r: LearnRecipe, *, progress: bool = True) -> dict:
             for ckpt in folder.glob("tasks/*/checkpoints"):
                 shutil.rmtree(ckpt, ignore_errors=True)
             labels = {t.name: t.labels for t in tasks}
-            (folder / "matrix.json").write_text(json.dumps({"tasks": names, "labels": labels, "accuracy": matrix}, indent=1))
+            (folder / "matrix.json").write_text(json.dumps({"tasks": names, "labels": labels, "accuracy": matrix,
+                                                            "initial": initial}, indent=1))
             (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
             title = f"{r.method}{' + LoRA' if r.lora else ''}: ACC {100 * metrics['average_accuracy']:.1f}"
-            heatmap(matrix, names, folder / "heatmap.png", title)
+            heatmap(matrix, names, folder / "heatmap.png", title, initial)
             _save(folder, model, tokenizer, r, r.model_dump())
             write_report(folder, r.out)
-        bwt = "n/a" if metrics["bwt"] is None else f"{100 * metrics['bwt']:+.1f}"
-        print(f"saved {r.out}: average accuracy {100 * metrics['average_accuracy']:.1f}, BWT {bwt}")
+        bwt, fwt = ("n/a" if metrics[k] is None else f"{100 * metrics[k]:+.1f}" for k in ("bwt", "fwt"))
+        print(f"saved {r.out}: average accuracy {100 * metrics['average_accuracy']:.1f}, BWT {bwt}, FWT {fwt}")
     state.wait_for_everyone()
     return metrics
 
@@ -94,14 +100,14 @@ def learn(r: LearnRecipe, *, progress: bool = True) -> dict:
 
 def _prepare(r: LearnRecipe):
     """(model, tokenizer, tasks): the model ready to train, every task tokenized, all checked up front."""
-    names = r.task_list()
+    listed = r.task_list()
     if r.classify == "generate":
         family = family_of(load_config(r.model))
         if "causal_lm" not in family.tasks:
             raise BequestError(f"{family.name} has no causal LM head to generate labels with; use --classify head")
     tasks, offset = [], 0
-    for name in names:
-        tasks.append(Task(name, offset))
+    for name, source in listed:
+        tasks.append(Task(name, source, offset, r))
         offset += len(tasks[-1].labels)
     # Head mode loads the checkpoint as it was saved (no head left "newly initialised"), then swaps the head.
     model, tokenizer = load_model(r.model, task=None if r.classify == "head" else "causal_lm")

@@ -161,9 +161,14 @@ def learn_sections(folder: Path, figures: str) -> list[Section]:
     matrix, metrics = read_json(folder / "matrix.json"), read_json(folder / "metrics.json")
     tasks = matrix["tasks"]
     grid = [[f"after {t}", *map(fmt, row)] for t, row in zip(tasks, matrix["accuracy"])]
+    if "initial" in matrix:  # written since forward transfer is measured
+        grid.insert(0, ["before training", *map(fmt, matrix["initial"])])
     scores = [[meaning, fmt(metrics.get(k))] for k, meaning in (("average_accuracy", "average accuracy (ACC)"),
+                                                               ("last_task_accuracy", "accuracy on the last task"),
                                                                ("bwt", "backward transfer (BWT)"),
-                                                               ("forgetting", "forgetting"))]
+                                                               ("fwt", "forward transfer (FWT)"),
+                                                               ("forgetting", "forgetting"))
+              if k in metrics]
     section = Section("Task stream", [f"`{metrics.get('method')}` through {', '.join(tasks)}: accuracy on every "
                                       "task after each one.", Table(["", *tasks], grid),
                                       Table(["figure", "value"], scores)])
