@@ -68,12 +68,12 @@ def _logits(model_dir, source, ids):
     """Logits of `source` (an adapter or fine-tune folder) on the model in `model_dir`, loaded as peft would."""
     from peft import PeftModel
 
-    if (source / "adapter_config.json").exists():
-        if json.loads((source / "adapter_config.json").read_text())["peft_type"] == "BOTTLENECK":
-            from bequest.peft import attach
+    if (source / "bottleneck_config.json").exists():  # bequest's own format: peft has no bottleneck adapters
+        from bequest.peft import attach
 
-            host = load_model(model_dir, "seq_cls", num_labels=4)[0]
-            return attach(host, read_module(source)).eval()(input_ids=ids).logits
+        host = load_model(model_dir, "seq_cls", num_labels=4)[0]
+        return attach(host, read_module(source)).eval()(input_ids=ids).logits
+    if (source / "adapter_config.json").exists():
         host = load_model(model_dir, "seq_cls", num_labels=4)[0]
         return PeftModel.from_pretrained(host, str(source)).eval()(input_ids=ids).logits
     return load_model(source)[0].eval()(input_ids=ids).logits

@@ -29,11 +29,13 @@ from bequest.data.prepare import check_room, lm_splits, task_sets, text_splits
 from bequest.engine import curve, forward_flops_per_token, prepare_work, processes, train, train_flops_per_token
 from bequest.engine.kd import TeacherMeter
 from bequest.errors import BequestError
-from bequest.io import atomic_dir, check_model, check_output, load_config, load_lm, load_model, load_tokenizer, write_model
+from bequest.io import (
+    atomic_dir, check_model, check_output, is_adapter, load_config, load_lm, load_model, load_tokenizer, write_model,
+)
 from bequest.peft import attach, read_module, save_tuned, with_module
 from bequest.recipe import CorpusFields, KDFields, OutputFields, TaskFields, TrainFields, TuningFields, defaults
 from bequest.report import write_report
-from bequest.task_weights import check_module_fits, delta_init, is_adapter, kd_trainer
+from bequest.task_weights import check_module_fits, delta_init, kd_trainer
 
 # What each method does: start from the old task weights (moved to the new base), and/or learn from
 # the old tuned model as a teacher.

@@ -14,11 +14,7 @@ from bequest.anatomy import TASK_ROLES, anatomy
 from bequest.engine.kd import KD, KDTrainer, TeacherMeter
 from bequest.errors import BequestError
 from bequest.io import load_config
-from bequest.peft import CONFIG, expected, misfits
-
-
-def is_adapter(path: str | Path) -> bool:
-    return (Path(path) / CONFIG).exists()
+from bequest.peft import expected, misfits
 
 
 def _by_slot(model) -> dict[str, torch.Tensor]:

@@ -5,8 +5,11 @@
 - `models`: model and tokenizer loading (checked against the config first), model folders with a
   lineage card.
 - `folders`: atomic output folders and the hidden work folder of a run.
+- `adapters`: the layouts of a PEFT module folder (peft's, bequest's bottleneck format) and the one
+  reader and writer of their configs.
 """
 
+from bequest.io.adapters import is_adapter, read_adapter_config, write_adapter_config
 from bequest.io.folders import atomic_dir, check_output, hold, let_go, make_dir, partial_dir
 from bequest.io.models import (
     check_checkpoint, check_model, load_config, load_lm, load_model, load_tokenizer, model_card, read_config, read_lineage,
@@ -29,6 +32,7 @@ __all__ = [
     "check_disk",
     "check_output",
     "hold",
+    "is_adapter",
     "let_go",
     "make_dir",
     "create_file",
@@ -41,6 +45,7 @@ __all__ = [
     "parse_size",
     "partial_dir",
     "pwrite",
+    "read_adapter_config",
     "read_config",
     "read_header",
     "read_lineage",
@@ -52,6 +57,7 @@ __all__ = [
     "stored_tensors",
     "torch_dtype",
     "weight_files",
+    "write_adapter_config",
     "write_card",
     "write_index",
     "write_model",

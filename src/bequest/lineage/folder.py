@@ -1,6 +1,7 @@
 """One folder of a family, read from what bequest, transformers and peft leave on disk: the model card's
-lineage block, `growth.json`, `port.json`, `recipe.yaml`, `adapter_config.json` and `config.json`.
-Nothing is loaded but small text files; no weights."""
+lineage block, `growth.json`, `port.json`, `recipe.yaml`, an adapter's config (peft's
+`adapter_config.json` or bequest's `bottleneck_config.json`, read by `bequest.io.adapters`) and
+`config.json`. Nothing is loaded but small text files; no weights."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import yaml
 
 from bequest.anatomy import anatomy
 from bequest.errors import BequestError
-from bequest.io import load_config, read_lineage
+from bequest.io import is_adapter, load_config, read_adapter_config, read_lineage
 
-MODEL, ADAPTER = "config.json", "adapter_config.json"
+MODEL = "config.json"
 # Operations that tune a model for tasks rather than make a new base (and recycle-*). `bequest upgrade`
 # moves fine-tunes and adapters onto a new base: what it writes is one of them too.
 TUNING = ("finetune", "learn", "upgrade")
@@ -39,7 +40,7 @@ class Node:
 
 
 def is_node(folder: Path) -> bool:
-    return (folder / ADAPTER).is_file() or (folder / MODEL).is_file()
+    return is_adapter(folder) or (folder / MODEL).is_file()
 
 
 def resolve(recorded: str, child: Path) -> Path | None:
@@ -55,7 +56,7 @@ def resolve(recorded: str, child: Path) -> Path | None:
 def read_node(folder: str | Path) -> Node:
     folder = Path(folder)
     if not is_node(folder):
-        raise BequestError(f"{folder}: neither {MODEL} nor {ADAPTER}; give a model, fine-tune or adapter folder")
+        raise BequestError(f"{folder}: neither {MODEL} nor an adapter config; give a model, fine-tune or adapter folder")
     path = folder.resolve()
     try:
         card = read_lineage(path)
@@ -64,7 +65,7 @@ def read_node(folder: str | Path) -> Node:
     card = card if isinstance(card, dict) else {}
     recipe = _read(path / "recipe.yaml", yaml.safe_load)
     port = _read(path / "port.json", json.loads)
-    if (path / ADAPTER).is_file():
+    if is_adapter(path):
         node = _adapter(path, card, recipe, port)
     else:
         node = _model(path, card)
@@ -77,13 +78,15 @@ def read_node(folder: str | Path) -> Node:
 
 
 def _adapter(path: Path, card: dict, recipe: dict, port: dict) -> Node:
-    config = _read(path / ADAPTER, json.loads)
+    try:
+        config, problem = read_adapter_config(path)[0], None
+    except BequestError as e:  # reported on the node: lineage shows the rest of the family
+        config, problem = {}, str(e)
     operation = card.get("operation") or (
         "port" if port else f"recycle-{recipe['method']}" if "task_weights" in recipe and "method" in recipe
         else "finetune" if recipe.get("peft") else None
     )
     host = card.get("parent") or port.get("host") or config.get("base_model_name_or_path")
-    problem = None if config else f"{ADAPTER} is not a JSON mapping"
     return Node(path, "adapter", operation, _text(host), None, peft_type=config.get("peft_type"), problem=problem)
 
 

@@ -107,7 +107,7 @@ def scan(dirs) -> Graph:
                 found.append(Path(root))
     if not found:
         raise BequestError(f"no model or adapter folders in {', '.join(map(str, dirs))}; give folders holding a "
-                           "config.json or adapter_config.json")
+                           "config.json or an adapter config (adapter_config.json, bottleneck_config.json)")
     nodes: dict[Path, Node] = {}
     todo = [f.resolve() for f in found]
     while todo:  # the ancestors and sources the records name join the family, wherever they are

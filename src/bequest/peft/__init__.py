@@ -1,10 +1,11 @@
-"""PEFT modules as bequest handles them: a kind, a config (adapter_config.json) and named tensors.
+"""PEFT modules as bequest handles them: a kind, a config and named tensors.
 
 Each kind is one module of this package (`kind.py` says what one holds): peft's LoRA, IA3, prefix and
 prompt tuning and bequest's own bottleneck adapters. Over them, one interface: read and write a module
 folder, list the tensors a host expects (from a weightless skeleton of it), build a fresh module on a
 host, and attach a saved one, refusing any load that would leave a tensor unplaced or a place without
-its tensor (peft loads what matches and is silent about the rest).
+its tensor (peft loads what matches and is silent about the rest). Folders are in peft's layout or,
+for bottleneck adapters, bequest's own format; `bequest.io.adapters` is the one place that knows them.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from safetensors.torch import load_file, save_file
 
 from bequest.anatomy import AUTO_CLASSES, anatomy, build_model, family_of, label_names, name_labels, task_of
 from bequest.errors import BequestError
-from bequest.io import read_header, reference, save_recipe, save_tokenizer, write_card, write_model
+from bequest.io import (
+    read_adapter_config, read_header, reference, save_recipe, save_tokenizer, write_adapter_config, write_card, write_model,
+)
 from bequest.peft.kind import Kind, as_dict, target_regex
 
-CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 LABELS = "labels.json"  # a classifier module's classes, which its host's head is built with: {num_labels, names}
 HOST_TASKS = {"SEQ_CLS": "seq_cls", "CAUSAL_LM": "causal_lm", "FEATURE_EXTRACTION": "base", None: "base"}
 PEFT_TASKS = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "base": "FEATURE_EXTRACTION", "masked_lm": None}
@@ -54,8 +56,8 @@ BY_TYPE = {k.peft_type: k for k in KINDS.values()}
 @dataclass
 class Module:
     kind: str  # a name in KINDS
-    config: dict  # adapter_config.json
-    tensors: dict[str, torch.Tensor]  # adapter_model.safetensors
+    config: dict  # its adapter config (bequest.io.adapters: the layouts on disk)
+    tensors: dict[str, torch.Tensor]  # its safetensors file
     labels: list[str] | None = None  # labels.json: the classes of the classifier trained with it, in id order
 
     def host_task(self, host_config) -> str:
@@ -82,25 +84,19 @@ def virtual_tokens(kind: str, settings) -> int:
 
 
 def read_module(folder: str | Path) -> Module:
-    """A module folder, validated: a known type, a readable config, safetensors only (never unpickled)."""
+    """A module folder in any layout bequest reads (`bequest.io.adapters`), validated: a known type, a
+    readable config, safetensors only (never unpickled)."""
     folder = Path(folder)
-    if not (folder / CONFIG).exists():
-        raise BequestError(f"{folder}: no {CONFIG}; point --adapter at a peft or bequest adapter folder")
-    try:
-        config = json.loads((folder / CONFIG).read_text())
-    except ValueError as e:
-        raise BequestError(f"{folder / CONFIG}: not valid JSON ({e}); re-save the adapter") from None
-    if not isinstance(config, dict):
-        raise BequestError(f"{folder / CONFIG}: not a mapping of settings; re-save the adapter")
+    config, weights = read_adapter_config(folder)
     kind = BY_TYPE.get(config.get("peft_type"))
     if kind is None:
         raise BequestError(
             f"{folder}: peft type {config.get('peft_type')!r} cannot be ported; bequest ports " + ", ".join(BY_TYPE)
         )
-    weights = folder / WEIGHTS
     if not weights.exists():
-        pickled = " (only adapter_model.bin: bequest never unpickles, re-save with safe_serialization=True)"
-        raise BequestError(f"{folder}: no {WEIGHTS}{pickled if (folder / 'adapter_model.bin').exists() else ''}")
+        pickled = weights.with_suffix(".bin")
+        note = f" (only {pickled.name}: bequest never unpickles, re-save with safe_serialization=True)"
+        raise BequestError(f"{folder}: no {weights.name}{note if pickled.exists() else ''}")
     read_header(weights)  # a truncated file fails here with a clear message, not inside safetensors
     return Module(kind.name, config, load_file(str(weights)), _read_labels(folder / LABELS))
 
@@ -120,8 +116,8 @@ def _read_labels(path: Path) -> list[str] | None:
 def write_module(folder: str | Path, module: Module) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG).write_text(json.dumps(as_dict(module.config), indent=1))
-    save_file({k: t.contiguous() for k, t in module.tensors.items()}, str(folder / WEIGHTS))
+    weights = write_adapter_config(folder, as_dict(module.config))
+    save_file({k: t.contiguous() for k, t in module.tensors.items()}, str(weights))
     if module.labels is not None:
         (folder / LABELS).write_text(json.dumps({"num_labels": len(module.labels), "names": module.labels}, indent=1))
 
@@ -144,7 +140,7 @@ def write_adapter(folder: str | Path, module: Module, host_config, tokenizer=Non
         save_recipe(folder, recipe)
     kind = KINDS[module.kind]
     write_card(folder, operation=operation, parent=str(parent), recipe=recipe, lineage=lineage, task=task,
-               library=kind.library, note=_loading(kind, task, config["base_model_name_or_path"]))
+               library=kind.library, note=_loading(kind, task, config))
 
 
 def _classes(module: Module, host_config) -> list[str]:
@@ -154,17 +150,26 @@ def _classes(module: Module, host_config) -> list[str]:
     return names or [f"LABEL_{i}" for i in range(n)]
 
 
-def _loading(kind: Kind, task: str, base: str) -> str:
-    """How plain peft loads the folder (a classifier's host is built with the classes in labels.json)."""
-    if kind.library != "peft":
-        return ""
-    lines = ["import json", "from peft import PeftModel", f"from transformers import {AUTO_CLASSES[task]}", ""]
-    labels = ""
-    if task == "seq_cls":
-        lines.append('names = json.load(open("FOLDER/labels.json"))["names"]')
-        labels = ", id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}"
-    lines += [f"host = {AUTO_CLASSES[task]}.from_pretrained({base!r}{labels})", 'model = PeftModel.from_pretrained(host, "FOLDER")']
-    return "\nLoad it with plain peft:\n\n```python\n" + "\n".join(lines) + "\n```\n"
+def _loading(kind: Kind, task: str, config: dict) -> str:
+    """How the folder loads: with plain peft (a classifier's host built with the classes in labels.json),
+    or, for a kind of bequest's own, with bequest."""
+    auto, base, labels = AUTO_CLASSES[task], config["base_model_name_or_path"], ""
+    if kind.library == "peft":
+        lines = ["import json", "from peft import PeftModel", f"from transformers import {auto}", ""]
+        if task == "seq_cls":
+            lines.append('names = json.load(open("FOLDER/labels.json"))["names"]')
+            labels = ", id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}"
+        lines += [f"host = {auto}.from_pretrained({base!r}{labels})", 'model = PeftModel.from_pretrained(host, "FOLDER")']
+        how = "Load it with plain peft"
+    else:
+        lines = ["from bequest.io import load_model", "from bequest.peft import attach, read_module", "",
+                 'module = read_module("FOLDER")']
+        if task == "seq_cls":
+            labels = ", num_labels=len(module.labels)"
+        lines += [f"host, tokenizer = load_model({base!r}, {task!r}{labels})", "model = attach(host, module)"]
+        how = (f"This is bequest's own {kind.name} format (docs/bottleneck-format.md in bequest's repository), not a "
+               "peft folder. Load it with bequest")
+    return f"\n{how}:\n\n```python\n" + "\n".join(lines) + "\n```\n"
 
 
 def new_config(kind: str, model, settings=None, **overrides) -> dict:
@@ -265,6 +270,6 @@ def save_tuned(folder: Path, model, tokenizer, *, parent: str, operation: str, r
         write_model(folder, model, tokenizer, **card)
 
 
-__all__ = ["CONFIG", "KINDS", "LABELS", "WEIGHTS", "Kind", "Module", "as_dict", "attach", "expected", "misfits",
+__all__ = ["KINDS", "LABELS", "Kind", "Module", "as_dict", "attach", "expected", "misfits",
            "module_of", "new_config", "read_module", "save_tuned", "target_regex", "virtual_tokens", "with_module",
            "write_adapter", "write_module"]

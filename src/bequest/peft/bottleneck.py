@@ -6,9 +6,10 @@ BERT-likes, before the LayerNorm that follows it): Pfeiffer after the FFN only (
 after attention as well (`attn.o`). `up` starts at zero, so a fresh adapter leaves the host unchanged.
 
 Adapters hang off their writer module as a child named `adapter` (so their parameters travel with the
-host through `.to()` and the optimizer) and act through a forward hook. A folder holds
-`adapter_config.json` and `adapter_model.safetensors`, as peft's do; the classifier head, trained in
-full beside the adapters, is saved with them under its own parameter names.
+host through `.to()` and the optimizer) and act through a forward hook. A folder is in bequest's
+bottleneck format (docs/bottleneck-format.md; `bequest.io.adapters` reads and writes it): the settings
+below in `bottleneck_config.json`, the tensors in `bottleneck_model.safetensors` under the host's
+parameter names, the classifier head (trained in full beside the adapters) among them.
 
 On a grown host an adapter's down-projection reads the hidden space and its up-projection writes it;
 a new block's adapter starts as a fresh one (random down, zero up).
@@ -19,15 +20,16 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from bequest.anatomy import Family, anatomy
 from bequest.errors import BequestError
+from bequest.io.adapters import BOTTLENECK
 from bequest.peft.kind import READ, WRITE, Kind
 from bequest.peft.lora import uniform_fan_in
 
-PEFT_TYPE = "BOTTLENECK"
+PEFT_TYPE = BOTTLENECK
 STYLES = {"pfeiffer": ("mlp.down",), "houlsby": ("attn.o", "mlp.down")}
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -35,14 +37,13 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tan
 class BottleneckConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    peft_type: Literal["BOTTLENECK"] = Field(PEFT_TYPE, description="marks the folder as a bequest bottleneck adapter")
+    peft_type: Literal["BOTTLENECK"] = Field(PEFT_TYPE, description="the kind, in memory (the file says its format instead)")
     style: Literal["pfeiffer", "houlsby"] = Field("pfeiffer", description="pfeiffer: after the FFN; houlsby: after attention and FFN")
     size: int = Field(16, ge=1, description="bottleneck width: the down-projection's outputs")
     nonlinearity: Literal[tuple(ACTIVATIONS)] = Field("relu", description="activation between down and up")
     task_type: str | None = Field("SEQ_CLS", description="peft-style task type: which head the host carries")
     modules_to_save: list[str] = Field(default_factory=list, description="host modules trained in full and saved too (the classifier)")
     base_model_name_or_path: str | None = Field(None, description="the host the adapter was trained on")
-    inference_mode: bool = Field(True, description="as peft: frozen once saved")
 
 
 class Adapter(nn.Module):
@@ -133,7 +134,14 @@ class Bottleneck(Kind):
         return uniform_fan_in(shape, gen) if what == "adapter.down.weight" else torch.zeros(shape)
 
     def wrap(self, model, config, trainable):
-        return add_bottleneck(model, BottleneckConfig(**config), trainable=trainable)
+        from bequest.recipe import one_line  # the recipe module reads the kinds: imported late, not at load
+
+        config = {k: v for k, v in config.items() if k != "inference_mode"}  # `trainable` says it
+        try:
+            settings = BottleneckConfig(**config)
+        except ValidationError as e:
+            raise BequestError(one_line(e, "the bottleneck adapter's config")) from None
+        return add_bottleneck(model, settings, trainable=trainable)
 
     def carried(self, model):
         config = getattr(model, "bottleneck_config", None)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from bequest.anatomy import anatomy, task_of
 from bequest.errors import BequestError
-from bequest.io import check_model, load_config, load_model
+from bequest.io import check_model, is_adapter, load_config, load_model
 from bequest.peft import Module, attach, read_module
 from bequest.recipe import TaskFields, TuningFields, read_yaml, resolve
-from bequest.task_weights import check_module_fits, is_adapter
+from bequest.task_weights import check_module_fits
 
 
 class TaskData(TaskFields, TuningFields):
@@ -46,7 +46,8 @@ def read_source(path: str | Path) -> Source:
         module = read_module(path)
         return Source(path, module.kind, module, recipe)
     if not (path / "config.json").exists():
-        raise BequestError(f"{path}: neither an adapter (adapter_config.json) nor a model folder (config.json)")
+        raise BequestError(f"{path}: neither an adapter (adapter_config.json or bottleneck_config.json) nor a model "
+                           "folder (config.json)")
     config = check_model(path)
     if task_of(config) != "seq_cls":
         raise BequestError(f"{path} is a {task_of(config)} model; upgrade carries classifiers fine-tuned from OLD")
