@@ -110,3 +110,14 @@ def test_a_folder_in_two_layouts_is_refused(saved):
     with pytest.raises(BequestError, match="holds both"):
         read_module(folder)
 
+
+def test_the_activations_offered_are_the_ones_adapters_have_and_a_source_keeps_its_own():
+    from typing import get_args
+
+    from bequest.peft.bottleneck import ACTIVATIONS
+    from bequest.recipe import PeftFields
+    from bequest.upgrade.paths import _settings
+
+    assert get_args(PeftFields.model_fields["nonlinearity"].annotation) == tuple(ACTIVATIONS)
+    # A fresh module in `bequest upgrade` takes the source's settings, its activation among them.
+    assert _settings({"peft_type": "BOTTLENECK", "size": 8, "style": "houlsby", "nonlinearity": "identity"}).nonlinearity == "identity"

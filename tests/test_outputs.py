@@ -111,3 +111,18 @@ def test_modules_to_save_stays_as_it_was_through_ports_and_recycling(world):
              for f in ("lora", "ported", "ported-twice", "recycled")]
     assert saved[0] and len(set(saved[0])) == len(saved[0])
     assert all(s == saved[0] for s in saved), saved
+
+
+def test_an_exported_adapter_is_a_model_folder_pipelines_take(world, tmp_path):
+    """`bequest export`: the LoRA folded into its base, with the base's tokenizer and the classes by name."""
+    from bequest.export import ExportRecipe, export
+    from bequest.lineage import read_node
+
+    export(ExportRecipe(adapter=str(world / "lora"), out=str(tmp_path / "model")))
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "model").model_max_length == POSITIONS
+    classify = transformers.pipeline("text-classification", model=str(tmp_path / "model"), device="cpu")
+    assert classify(LONG, truncation=True)[0]["label"] in _classes()
+    front = _front(tmp_path / "model")
+    assert (front["library_name"], front["pipeline_tag"], front["base_model"]) == ("transformers", "text-classification", str(world / "base"))
+    node = read_node(tmp_path / "model")  # bequest lineage: a fine-tune of the base, carried from the LoRA
+    assert (node.kind, node.operation, node.parent, node.source) == ("fine-tune", "export", world / "base", world / "lora")

@@ -35,6 +35,7 @@ VERBS = [
     (None, "recycle", "bequest.recycle", "RecycleRecipe", "recycle", ("out",)),
     (None, "analyze", "bequest.analyze", "AnalyzeRecipe", "analyze", ("kind", "out")),
     (None, "port", "bequest.port.command", "PortRecipe", "port", ("out",)),
+    (None, "export", "bequest.export", "ExportRecipe", "export", ("adapter", "out")),
     (None, "upgrade", "bequest.upgrade", "UpgradeRecipe", "upgrade", ("sources", "out")),
     (None, "lineage", "bequest.lineage.command", "LineageRecipe", "lineage", ("dirs",)),
     (None, "report", "bequest.report.command", "ReportRecipe", "report", ("dir",)),

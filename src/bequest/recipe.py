@@ -259,6 +259,10 @@ class PeftFields(LoraFields):
     style: Literal["pfeiffer", "houlsby"] = Field(
         "pfeiffer", description="bottleneck adapter placement: after the FFN (pfeiffer) or after attention too (houlsby)"
     )
+    nonlinearity: Literal["relu", "gelu", "silu", "tanh", "identity"] = Field(
+        "relu", description="bottleneck adapter activation between down and up (identity: a linear adapter, which "
+        "`bequest export` can fold into the base's weights)"
+    )
     OLD_NAMES: ClassVar[dict[str, str]] = {"rank": "lora_rank"}
 
 

@@ -17,8 +17,9 @@ from bequest.io import is_adapter, load_config, read_adapter_config, read_lineag
 
 MODEL = "config.json"
 # Operations that tune a model for tasks rather than make a new base (and recycle-*). `bequest upgrade`
-# moves fine-tunes and adapters onto a new base: what it writes is one of them too.
-TUNING = ("finetune", "learn", "upgrade")
+# moves fine-tunes and adapters onto a new base, `bequest export` folds an adapter into its base: what
+# they write is one of them too.
+TUNING = ("finetune", "learn", "upgrade", "export")
 
 
 @dataclass

@@ -152,7 +152,7 @@ def _classes(module: Module, host_config) -> list[str]:
 
 def _loading(kind: Kind, task: str, config: dict) -> str:
     """How the folder loads: with plain peft (a classifier's host built with the classes in labels.json),
-    or, for a kind of bequest's own, with bequest."""
+    or, for a kind of bequest's own, with bequest; and whether `bequest export` folds it into its base."""
     auto, base, labels = AUTO_CLASSES[task], config["base_model_name_or_path"], ""
     if kind.library == "peft":
         lines = ["import json", "from peft import PeftModel", f"from transformers import {auto}", ""]
@@ -169,7 +169,10 @@ def _loading(kind: Kind, task: str, config: dict) -> str:
         lines += [f"host, tokenizer = load_model({base!r}, {task!r}{labels})", "model = attach(host, module)"]
         how = (f"This is bequest's own {kind.name} format (docs/bottleneck-format.md in bequest's repository), not a "
                "peft folder. Load it with bequest")
-    return f"\n{how}:\n\n```python\n" + "\n".join(lines) + "\n```\n"
+    text = f"\n{how}:\n\n```python\n" + "\n".join(lines) + "\n```\n"
+    if kind.unmergeable(config) is None:
+        text += "\n`bequest export FOLDER OUT` folds it into the base's weights: a plain transformers model folder.\n"
+    return text
 
 
 def new_config(kind: str, model, settings=None, **overrides) -> dict:

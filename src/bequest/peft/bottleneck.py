@@ -31,7 +31,8 @@ from bequest.peft.lora import uniform_fan_in
 
 PEFT_TYPE = BOTTLENECK
 STYLES = {"pfeiffer": ("mlp.down",), "houlsby": ("attn.o", "mlp.down")}
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+# identity makes an adapter linear, y + U(D y + b_d) + b_u, which `merge` folds into its writer.
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
 
 
 class BottleneckConfig(BaseModel):
@@ -122,7 +123,8 @@ class Bottleneck(Kind):
 
     def config(self, fam, task_type, s):
         heads = head_modules(fam) if task_type == "SEQ_CLS" else []
-        return BottleneckConfig(size=s.bottleneck, style=s.style, task_type=task_type, modules_to_save=heads).model_dump()
+        return BottleneckConfig(size=s.bottleneck, style=s.style, nonlinearity=s.nonlinearity, task_type=task_type,
+                                modules_to_save=heads).model_dump()
 
     def axes(self, what, shape, out, inp):
         # An adapter reads and writes what its writer outputs (for attn.o and mlp.down: the residual
@@ -155,6 +157,36 @@ class Bottleneck(Kind):
         with torch.no_grad():
             for k, t in tensors.items():
                 params[k].copy_(t)
+
+    def unmergeable(self, config):
+        if config.get("nonlinearity") == "identity":
+            return None
+        return (f"its {config.get('nonlinearity')} between down and up is not linear, so no change of the base's weights "
+                "computes what it does; keep using the adapter through bequest (bequest.peft.attach), or train it with "
+                "--nonlinearity identity")
+
+    @torch.no_grad()
+    def merge(self, carrier):
+        """Each writer W x + b followed by a linear adapter becomes W' x + b' with M = I + U D:
+        W' = M W and b' = M b + U b_d + b_u (the last two terms: the adapter's constant shift)."""
+        anat = anatomy(carrier)
+        folds = []
+        for path in _writers(carrier, carrier.bottleneck_config.style):
+            writer = carrier.get_submodule(path)
+            down, up = writer.adapter.down, writer.adapter.up
+            m = torch.eye(anat.hidden, dtype=torch.float64) + up.weight.double() @ down.weight.double()
+            shift = up.weight.double() @ down.bias.double() + up.bias.double()
+            if writer.bias is None and shift.any():
+                raise BequestError(f"the adapter after {path} adds a constant shift (up of down's bias, plus up's bias) "
+                                   f"and {path} has no bias to take it, so it cannot be folded into the base's weights; "
+                                   "keep using the adapter through bequest")
+            folds.append((writer, m, shift))
+        for writer, m, shift in folds:  # every writer checked before the first changes
+            w = writer.weight.double()
+            writer.weight.copy_(w @ m.T if anat.family.conv1d else m @ w)  # Conv1D stores [in, out]
+            if writer.bias is not None:
+                writer.bias.copy_(m @ writer.bias.double() + shift)
+        return remove_bottleneck(carrier)
 
 
 KIND = Bottleneck()

@@ -125,6 +125,31 @@ class Kind:
         if left:
             raise BequestError(f"internal: peft left {left[0]} unloaded; please report this")
 
+    # ------------------------------------------------------------ folded into the host's weights
+
+    def unmergeable(self, config: dict) -> str | None:
+        """Why a module of `config` cannot be folded into its host's weights, and what to do instead
+        (None: `merge` folds it)."""
+        return None
+
+    def merge(self, carrier):
+        """The host of `carrier` with the module folded into its weights and the saved head modules in
+        place: a plain transformers model computing what the carrier computes. The carrier is used up."""
+        from peft.utils import ModulesToSaveWrapper
+
+        # The saved head goes in first, by hand: peft's IA3 unloading trips over a head with no weight of
+        # its own (RoBERTa's classifier), LoRA's does not.
+        for name, wrapper in [(n, m) for n, m in carrier.named_modules() if isinstance(m, ModulesToSaveWrapper)]:
+            parent, _, child = name.rpartition(".")
+            head = wrapper.unload_and_optionally_merge_module(merge=True, safe_merge=True, adapter_names=None)
+            setattr(carrier.get_submodule(parent), child, head)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return carrier.merge_and_unload(safe_merge=True)
+        except ValueError as e:  # e.g. safe_merge finding NaNs in the merged weights
+            raise BequestError(f"peft cannot fold it into the base's weights ({str(e).splitlines()[0][:200]})") from None
+
 
 class PromptLearning(Kind):
     """peft's prompt-learning methods: virtual tokens before the text, and a config that records its
@@ -132,3 +157,7 @@ class PromptLearning(Kind):
 
     host_fields = ("num_layers", "token_dim", "num_attention_heads", "encoder_hidden_size")
     takes_positions = True
+
+    def unmergeable(self, config):
+        return (f"its {config.get('num_virtual_tokens')} virtual tokens are extra positions the model attends to, not "
+                "a change of any weight; keep loading it as an adapter with peft's PeftModel")

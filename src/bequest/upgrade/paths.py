@@ -128,9 +128,9 @@ def fresh(move: Move):
 
 
 def _settings(config: dict) -> PeftFields:
-    """The source's own sizes, where its kind has them (rank, virtual tokens, bottleneck)."""
+    """The source's own settings, where its kind has them (rank, virtual tokens, bottleneck)."""
     pairs = {"r": "lora_rank", "lora_alpha": "lora_alpha", "num_virtual_tokens": "virtual_tokens",
-             "size": "bottleneck", "style": "style"}
+             "size": "bottleneck", "style": "style", "nonlinearity": "nonlinearity"}
     return PeftFields(**{mine: copy.copy(config[theirs]) for theirs, mine in pairs.items()
                          if config.get(theirs) is not None})
 
