@@ -28,6 +28,7 @@ from bequest.errors import BequestError
 from bequest.io.adapters import BOTTLENECK
 from bequest.peft.kind import READ, WRITE, Kind
 from bequest.peft.lora import uniform_fan_in
+from bequest.recipe import one_line
 
 PEFT_TYPE = BOTTLENECK
 STYLES = {"pfeiffer": ("mlp.down",), "houlsby": ("attn.o", "mlp.down")}
@@ -136,8 +137,6 @@ class Bottleneck(Kind):
         return uniform_fan_in(shape, gen) if what == "adapter.down.weight" else torch.zeros(shape)
 
     def wrap(self, model, config, trainable):
-        from bequest.recipe import one_line  # the recipe module reads the kinds: imported late, not at load
-
         config = {k: v for k, v in config.items() if k != "inference_mode"}  # `trainable` says it
         try:
             settings = BottleneckConfig(**config)
