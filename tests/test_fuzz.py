@@ -69,6 +69,7 @@ VERBS = {
                            "--steps", "1", "--max-len", "32", "{OUT}"],
     "analyze": ["analyze", "weights", "--a", "{MODEL}", "--b", "{GOOD}", "{OUT}"],
     "port (host)": ["port", "--adapter", "{ADAPTER}", "--to", "{MODEL}", "{OUT}"],
+    "export (base)": ["export", "{ADAPTER}", "{OUT}", "--base", "{MODEL}"],
 }
 # Every verb meets three kinds of breakage; `info`, `grow` and `finetune` meet all of them.
 SAMPLE = ("missing tensor", "header is a list", "zero heads")
@@ -125,15 +126,21 @@ def _adapter_config(folder: Path, **changes) -> None:
     (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
 
 
-@pytest.mark.parametrize("verb", ["port", "recycle"])
+ADAPTER_VERBS = {
+    "port": ["port", "--adapter", "{ADAPTER}", "--to", "{GOOD}", "{OUT}"],
+    "recycle": ["recycle", "--old-base", "{GOOD}", "--new-base", "{GOOD}", "--task-weights", "{ADAPTER}", "--steps", "1",
+                "--max-len", "32", "{OUT}"],
+    "export": ["export", "{ADAPTER}", "{OUT}", "--base", "{GOOD}"],
+}
+
+
+@pytest.mark.parametrize("verb", ADAPTER_VERBS)
 @pytest.mark.parametrize("broken", BROKEN_ADAPTERS)
 def test_broken_adapter_is_one_line_and_nothing_is_left(good, tmp_path, verb, broken):
     adapter = tmp_path / "adapter"
     shutil.copytree(good / "adapter", adapter)
     BROKEN_ADAPTERS[broken](adapter)
-    words = (["port", "--adapter", "{ADAPTER}", "--to", "{GOOD}", "{OUT}"] if verb == "port" else
-             ["recycle", "--old-base", "{GOOD}", "--new-base", "{GOOD}", "--task-weights", "{ADAPTER}", "--steps", "1",
-              "--max-len", "32", "{OUT}"])
+    words = ADAPTER_VERBS[verb]
     before = sorted(p.name for p in tmp_path.iterdir())
     code, output = run(words, GOOD=good / "good", ADAPTER=adapter, OUT=tmp_path / "out")
     assert code == 2 and one_error_line(output), output
