@@ -64,7 +64,7 @@ def test_every_kind_is_registered_once_and_is_what_the_recipes_offer():
     from bequest.peft.kind import Kind
     from bequest.recipe import PeftKind
 
-    assert list(KINDS) == list(get_args(PeftKind)) and [k.order for k in KINDS.values()] == sorted(k.order for k in KINDS.values())
+    assert sorted(KINDS) == sorted(get_args(PeftKind)) and [k.order for k in KINDS.values()] == sorted(k.order for k in KINDS.values())
     assert all(isinstance(k, Kind) and k.name == name for name, k in KINDS.items())
     assert len({k.peft_type for k in KINDS.values()}) == len({k.order for k in KINDS.values()}) == len(KINDS)
 
