@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import ClassVar, Literal, TypeVar
+from typing import Annotated, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, model_serializer, model_validator,
+)
 
 from bequest.errors import BequestError
 
@@ -79,6 +81,23 @@ def without(*names):
         return cls
 
     return apply
+
+
+def _model_folder(value: str) -> str:
+    from bequest.io.hub import model_folder
+
+    return model_folder(value)
+
+
+def _as_given(value: str) -> str:
+    from bequest.io.hub import hub_id
+
+    return hub_id(value) or value
+
+
+# A model argument: a folder, or the id of a model in the local Hugging Face cache (`gpt2`, `org/name`), which
+# the verb sees as its snapshot folder; saved recipes name the id again, so they read back the same way.
+ModelFolder = Annotated[str, AfterValidator(_model_folder), PlainSerializer(_as_given)]
 
 
 # ---------------------------------------------------------------- field groups

@@ -5,9 +5,11 @@
 - `models`: model and tokenizer loading (checked against the config first), model folders with a
   lineage card.
 - `folders`: atomic output folders and the hidden work folder of a run.
+- `hub`: hub ids as model folders (their snapshots in the local Hugging Face cache) and back.
 """
 
 from bequest.io.folders import atomic_dir, check_output, hold, let_go, make_dir, partial_dir
+from bequest.io.hub import cached_snapshot, hub_id, model_folder
 from bequest.io.models import (
     check_checkpoint, check_model, load_config, load_lm, load_model, load_tokenizer, model_card, read_config, read_lineage,
     reference, save_model, save_recipe, save_tokenizer, write_card, write_model,
@@ -24,11 +26,13 @@ __all__ = [
     "StoredTensor",
     "TensorReader",
     "atomic_dir",
+    "cached_snapshot",
     "check_checkpoint",
     "check_model",
     "check_disk",
     "check_output",
     "hold",
+    "hub_id",
     "let_go",
     "make_dir",
     "create_file",
@@ -38,6 +42,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "model_card",
+    "model_folder",
     "parse_size",
     "partial_dir",
     "pwrite",
