@@ -42,7 +42,8 @@ class Pair(Recipe):
     target: ModelFolder = Field(..., description="host folder (or cached hub id) they are ported to (B)")
 
 
-@without("save_every")  # runs restart instead of resuming: they write no checkpoints
+# Runs restart instead of resuming: they write no checkpoints; and their folders go, event files and all.
+@without("save_every", "report_to")
 class StudyRecipe(TuningFields, PeftFields, TrainFields):
     out: str = Field(..., description="study folder: sources/, runs/, results.jsonl/.csv, report.md/.png")
     pairs: list[Pair] = Field(..., description="host pairs (YAML: a list of {name, source, target})")
