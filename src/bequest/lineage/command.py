@@ -18,9 +18,9 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message='Field name "json"')
 
     class LineageRecipe(OutputFields):
-        dirs: list[ModelFolder] = Field(..., min_length=1, description="model, fine-tune or adapter folders (or cached "
-                                        "hub ids), or folders "
-                                "to search for them (every folder below, hidden ones skipped)")
+        dirs: list[ModelFolder] = Field(..., min_length=1, description="model, fine-tune or adapter folders (or "
+                                        "cached hub ids), or folders to search for them (every folder below, hidden "
+                                        "ones skipped)")
         json: bool = Field(False, description="print the tree as JSON (nodes and edges) instead of text")
         png: str | None = Field(None, description="also draw the tree into this PNG file")
 
