@@ -1,5 +1,6 @@
 """Lifelong pre-training (ELLE): replay windows, AP/AP+, growth schedules, and a 3-domain stream end to end."""
 
+import importlib.util
 import json
 from functools import partial
 from pathlib import Path
@@ -181,6 +182,15 @@ def test_naive_baseline_keeps_size_and_budget_sets_steps(tmp_path):
         assert budget - per_step < s["flops"] <= budget
     model, tok = load_model(tmp_path / "naive" / "stage1-data")
     assert prompt_id(tok, "text") is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
+def test_tensorboard_events_of_a_recovery_warm_up_stay_with_their_stage(tmp_path):
+    r = LifelongRecipe(out=str(tmp_path / "elle"), **{**SMALL, "domains": "text,data", "steps": 2}, method="elle",
+                       report_to="tensorboard")
+    assert lifelong(r)["stages"][1]["recover_steps"] == 2
+    for events in ("stage0-text/runs", "stage1-data/runs", "stage1-data/runs/recover"):
+        assert list((tmp_path / "elle" / events).glob("events.out.tfevents.*")), events
 
 
 def test_cli_refuses_bad_settings_in_one_line(tmp_path):

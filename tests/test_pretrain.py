@@ -1,5 +1,6 @@
 """The engine through `bequest pretrain`: learning, determinism, resume after SIGKILL, 2 processes."""
 
+import importlib.util
 import json
 import math
 import os
@@ -276,3 +277,27 @@ def test_unwritable_out_and_unreadable_recipe_are_one_line_errors(tmp_path):
     recipe.write_bytes(b"\xff\xfe\x00steps: 2")
     r = invoke("pretrain", "--recipe", recipe, tmp_path / "m")
     assert r.exit_code == 2 and one_error_line(r.output, "not UTF-8"), r.output
+
+
+def test_fp16_on_a_machine_without_cuda_is_one_line_and_writes_nothing(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for machines without CUDA")
+    r = invoke("pretrain", *TINY, "--steps", "2", "--fp16", tmp_path / "m")
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("error: --fp16 needs a CUDA GPU and this machine has none") and not (tmp_path / "m").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
+def test_report_to_tensorboard_leaves_event_files_in_the_output(tmp_path):
+    out = tmp_path / "m"
+    r = invoke("pretrain", *TINY, "--steps", "2", "--eval-every", "1", "--bf16", "--gradient-checkpointing",
+               "--report-to", "tensorboard", out)
+    assert r.exit_code == 0, r.output
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in (out / "runs").glob("events.out.tfevents.*"):  # the final evaluation opens a file of its own
+        tags |= set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
+    assert {"train/loss", "eval/loss"} <= tags, tags
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["report_to"] == "tensorboard" and recipe["bf16"] and recipe["gradient_checkpointing"]

@@ -109,7 +109,9 @@ def test_help_marks_required_settings_and_shows_every_default_once():
 def test_help_offers_only_settings_the_verb_reads():
     families = _row(_help(["lifelong"]), "--family")
     assert "gpt2, llama, mistral, qwen2" in families and "bert" not in families
-    assert "--save-every" not in _help(["study", "port"])  # its runs restart, they never checkpoint
+    study = _help(["study", "port"])
+    assert "--save-every" not in study  # its runs restart, they never checkpoint
+    assert "--report-to" not in study and "--bf16" in study  # and their folders go, event files and all
 
 
 def test_list_settings_read_their_short_forms_from_the_command_line():

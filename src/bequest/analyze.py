@@ -28,7 +28,7 @@ from bequest.engine.data import labelled
 from bequest.errors import BequestError
 from bequest.io import atomic_dir, check_output, load_model, save_recipe
 from bequest.transfer.fit import cka
-from bequest.recipe import OutputFields, TaskFields
+from bequest.recipe import ModelFolder, OutputFields, TaskFields
 
 Kind = Literal["lmc", "weights", "similarity"]
 
@@ -37,8 +37,8 @@ class AnalyzeRecipe(TaskFields, OutputFields):
     kind: Kind = Field(
         "lmc", description="lmc (loss along the line a -> b), weights (distance, cosine), similarity (CKA heat map)"
     )
-    a: str = Field(..., description="first model folder (its tokenizer encodes the inputs)")
-    b: str = Field(..., description="second model folder, same shape as a")
+    a: ModelFolder = Field(..., description="first model folder or cached hub id (its tokenizer encodes the inputs)")
+    b: ModelFolder = Field(..., description="second model folder or cached hub id, same shape as a")
     out: str = Field(..., description="output folder: KIND.json and KIND.png")
     points: int = Field(21, ge=2, description="values of lambda from 0 to 1 (lmc)")
     features: Literal["hidden", "attention"] = Field("hidden", description="what similarity compares per layer")

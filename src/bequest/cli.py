@@ -157,7 +157,7 @@ def verb(group: typer.Typer, name: str, recipe_cls: type[BaseModel], run: Callab
     group.command(name, cls=type("Verb", (_Verb,), {"required": required}))(command)
 
 
-def info(model: Path = typer.Argument(..., help="a model folder")):
+def info(model: str = typer.Argument(..., help="a model folder, or the id of a model in the local Hugging Face cache")):
     """Print a model's family, shape, parameter count, anatomy and lineage."""
     from bequest.info import describe
 

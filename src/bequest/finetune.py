@@ -17,12 +17,13 @@ from bequest.data.prepare import check_room, task_sets
 from bequest.engine import prepare_work, processes, train, train_flops_per_token
 from bequest.io import atomic_dir, check_output, load_config, load_model, load_tokenizer
 from bequest.peft import new_config, save_tuned, virtual_tokens, with_module
-from bequest.recipe import OutputFields, PeftFields, PeftKind, TaskFields, TrainFields, TuningFields
+from bequest.recipe import ModelFolder, OutputFields, PeftFields, PeftKind, TaskFields, TrainFields, TuningFields
 from bequest.report import write_report
 
 
 class FinetuneRecipe(TaskFields, TuningFields, PeftFields, TrainFields, OutputFields):
-    model: str = Field(..., description="model folder to tune (an LM gets a fresh classifier head)")
+    model: ModelFolder = Field(..., description="model folder or cached hub id to tune (an LM gets a fresh "
+                              "classifier head)")
     out: str = Field(..., description="output: a seq_cls model folder, or an adapter folder with --peft")
     peft: PeftKind | None = Field(None, description="train a PEFT module instead of every weight")
 

@@ -7,18 +7,19 @@ from math import prod
 from pathlib import Path
 
 from bequest.anatomy import anatomy, task_of
-from bequest.io import check_checkpoint, load_config, read_lineage
+from bequest.io import check_checkpoint, load_config, model_folder, read_lineage
 
 
-def describe(path: str | Path) -> str:
-    path = Path(path)
+def describe(model: str | Path) -> str:
+    """`model`: a folder or the id of a model in the local Hugging Face cache."""
+    path = Path(model_folder(str(model)))
     config = load_config(path)
     anat = anatomy(config, task_of(config))
     headers = check_checkpoint(path, config, anat.task)
     slots = anat.slots(headers)
     n_params = sum(prod(headers[n]["shape"]) for n in slots)
     roles = Counter(s.role for s in slots.values())
-    lines = [f"{path}"]
+    lines = [f"{model}" if path == Path(model) else f"{model} ({path})"]
     lines += [f"  {k:16} {v}" for k, v in anat.summary().items()]
     lines.append(f"  {'parameters':16} {n_params:,} in {len(slots)} tensors")
     lines.append(f"  {'tensors by role':16} " + ", ".join(f"{r} x{c}" for r, c in sorted(roles.items())))

@@ -27,7 +27,9 @@ from bequest.engine import forward_flops_per_token, prepare_work, processes, tra
 from bequest.engine.kd import KD, SCHEDULES, KDTrainer, TeacherMeter, TopKTable, precompute_topk
 from bequest.errors import BequestError
 from bequest.io import atomic_dir, check_output, load_lm, load_model, write_model
-from bequest.recipe import CorpusFields, Family, GrowFields, KDFields, OutputFields, SizeFields, TrainFields
+from bequest.recipe import (
+    CorpusFields, Family, GrowFields, KDFields, ModelFolder, OutputFields, SizeFields, TrainFields,
+)
 from bequest.report import write_report
 
 Init = Literal["scratch", "grow"]
@@ -45,8 +47,10 @@ class Generation(SizeFields):
 
 class InheritRecipe(SizeFields, GrowFields, KDFields, CorpusFields, TrainFields, OutputFields):
     out: str = Field(..., description="output model folder (a chain writes OUT/gen2, OUT/gen3, ... and summary.json)")
-    teacher: str = Field(..., description="trained teacher model folder (causal or masked LM); its tokenizer is reused")
-    student: str | None = Field(None, description="start the student from this model folder instead of a new shape")
+    teacher: ModelFolder = Field(..., description="trained teacher model folder or cached hub id (causal or masked LM); "
+                           "its tokenizer is reused")
+    student: ModelFolder | None = Field(None, description="start the student from this model folder (or cached hub id) "
+                                  "instead of a new shape")
     family: Family | None = Field(None, description="student family (default: the teacher's; needs the same LM head)")
     init: Init = Field("scratch", description="student start: 'scratch' (random) or 'grow' (grown from the teacher)")
     t_ki: int | None = Field(None, ge=0, description="steps the teacher teaches, T_KI (default: half of --steps)")

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import ClassVar, Literal, TypeVar
+from typing import Annotated, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, model_serializer, model_validator,
+)
 
 from bequest.errors import BequestError
 
@@ -81,7 +83,28 @@ def without(*names):
     return apply
 
 
+def _model_folder(value: str) -> str:
+    from bequest.io.hub import model_folder
+
+    return model_folder(value)
+
+
+def _as_given(value: str) -> str:
+    from bequest.io.hub import hub_id
+
+    return hub_id(value) or value
+
+
+# A model argument: a folder, or the id of a model in the local Hugging Face cache (`gpt2`, `org/name`), which
+# the verb sees as its snapshot folder; saved recipes name the id again, so they read back the same way.
+ModelFolder = Annotated[str, AfterValidator(_model_folder), PlainSerializer(_as_given)]
+
+
 # ---------------------------------------------------------------- field groups
+
+
+# The pip package of a --report-to integration, where its name is not that.
+_PACKAGES = {"comet_ml": "comet-ml", "azure_ml": "azureml-core", "flyte": "flytekit"}
 
 
 class TrainFields(Recipe):
@@ -96,6 +119,51 @@ class TrainFields(Recipe):
     eval_every: int = Field(50, ge=1, description="evaluate every N steps")
     save_every: int = Field(50, ge=1, description="write a resumable checkpoint every N steps")
     seed: int = Field(0, description="seed for initialisation and data order")
+    bf16: bool = Field(
+        False, description="bf16 mixed precision (the weights stay fp32): on GPUs that have bf16, and on CPU, where most "
+        "processors run it slower than fp32",
+    )
+    fp16: bool = Field(False, description="fp16 mixed precision with loss scaling; needs a CUDA GPU")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each block's activations in the backward pass: less memory for about a third "
+        "more compute",
+    )
+    report_to: str = Field(
+        "none", description="where the Trainer also logs: 'none', 'tensorboard' (event files in each trained folder's "
+        "runs/), 'all' (every installed integration) or any integration transformers knows (wandb, mlflow, ...), "
+        "comma-separated",
+    )
+
+    @model_validator(mode="after")
+    def _possible_here(self):
+        """Settings this machine cannot honour are refused before any work (as a BequestError, which pydantic
+        passes through as the one line it is)."""
+        if self.bf16 and self.fp16:
+            raise BequestError("--bf16 and --fp16 both ask for mixed precision; give one of them")
+        if self.fp16:
+            import torch
+
+            if not torch.cuda.is_available():  # on CPU the Trainer would train in fp32 and say nothing
+                raise BequestError("--fp16 needs a CUDA GPU and this machine has none; use --bf16 on CPU or drop --fp16")
+        self.report_targets()
+        return self
+
+    def report_targets(self) -> str | list[str]:
+        """--report-to as TrainingArguments takes it; an unknown or uninstalled integration is refused."""
+        names = [n.strip() for n in getattr(self, "report_to", "none").split(",") if n.strip()]
+        if names in ([], ["none"], ["all"]):
+            return names[0] if names else "none"
+        from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+        for name in names:
+            if name not in INTEGRATION_TO_CALLBACK:
+                raise BequestError(f"--report-to {name} is not an integration transformers knows; choose none, all "
+                                   f"or some of: {', '.join(INTEGRATION_TO_CALLBACK)}")
+            if name not in get_available_reporting_integrations():
+                package = _PACKAGES.get(name, name)
+                raise BequestError(f"--report-to {name} needs the {package} package, which is not installed; "
+                                   f"`pip install {package}`, or drop --report-to {name}")
+        return names
 
 
 class OutputFields(Recipe):

@@ -33,7 +33,9 @@ from bequest.io import (
     atomic_dir, check_model, check_output, is_adapter, load_config, load_lm, load_model, load_tokenizer, write_model,
 )
 from bequest.peft import attach, read_module, save_tuned, with_module
-from bequest.recipe import CorpusFields, KDFields, OutputFields, TaskFields, TrainFields, TuningFields, defaults
+from bequest.recipe import (
+    CorpusFields, KDFields, ModelFolder, OutputFields, TaskFields, TrainFields, TuningFields, defaults,
+)
 from bequest.report import write_report
 from bequest.task_weights import check_module_fits, delta_init, kd_trainer
 
@@ -52,7 +54,8 @@ Method = Literal[tuple(METHODS)]
 
 
 class ContinueRecipe(CorpusFields, TrainFields, OutputFields):
-    model: str = Field(..., description="trained LM folder to continue pre-training (M_i); its tokenizer is kept")
+    model: ModelFolder = Field(..., description="trained LM folder (or cached hub id) to continue pre-training (M_i); "
+                              "its tokenizer is kept")
     out: str = Field(..., description="output model folder (M_{i+1})")
 
 
@@ -85,8 +88,10 @@ def continue_pretrain(r: ContinueRecipe) -> dict:
 @defaults(alpha=0.5)
 class RecycleRecipe(TaskFields, TuningFields, KDFields, TrainFields, OutputFields):
     out: str = Field(..., description="output: a seq_cls model folder (full fine-tune) or an adapter folder (PEFT)")
-    old_base: str = Field(..., description="the base the task weights were tuned on (M_i)")
-    new_base: str = Field(..., description="the upgraded base (M_{i+1}) to carry them to")
+    old_base: ModelFolder = Field(..., description="the base the task weights were tuned on (M_i): a folder or "
+                                 "cached hub id")
+    new_base: ModelFolder = Field(..., description="the upgraded base (M_{i+1}) to carry them to: a folder or "
+                                 "cached hub id")
     task_weights: str = Field(..., description="old task weights: a fine-tuned seq_cls folder or a peft adapter folder")
     method: Method = Field(
         "combined", description="init (old weights as start), distill (old model teaches), combined, fresh (baseline)"

@@ -9,7 +9,9 @@ from pydantic import Field, model_validator
 
 from bequest import data
 from bequest.errors import BequestError
-from bequest.recipe import LoraFields, OutputFields, TaskFields, TrainFields, TuningFields, defaults, without
+from bequest.recipe import (
+    LoraFields, ModelFolder, OutputFields, TaskFields, TrainFields, TuningFields, defaults, without,
+)
 
 # What each method does from the second task on: which MIGU mask its gradients get (None, "magnitude":
 # MIGU's, "random": as many rows at random, the ablation) and whether earlier tasks are replayed.
@@ -28,7 +30,8 @@ Scope = Literal["linear", "all"]
 @without("data")  # a stream names its tasks in --tasks; the file settings read every file task alike
 @defaults(max_len=128, eval_examples=300)
 class LearnRecipe(TaskFields, TuningFields, LoraFields, TrainFields, OutputFields):
-    model: str = Field(..., description="model folder to fine-tune (any family; --classify generate needs a causal LM)")
+    model: ModelFolder = Field(..., description="model folder or cached hub id to fine-tune (any family; "
+                              "--classify generate needs a causal LM)")
     out: str = Field(..., description="output folder: matrix.json, metrics.json, heatmap.png and the final model")
     tasks: str = Field(",".join(data.TASKS), description="comma-separated tasks, trained in this order: embedded "
                        f"tasks ({', '.join(data.TASKS)}) and your labelled .jsonl/.csv/.parquet files or folders "

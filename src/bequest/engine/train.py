@@ -6,6 +6,7 @@ resume-from-checkpoint, and otherwise leaves the Trainer alone so `accelerate la
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -17,6 +18,7 @@ import transformers
 import yaml
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_pt_utils import safe_globals
 
 from bequest.engine.data import collator
@@ -141,6 +143,33 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(r + "\n" for r in rows))
 
 
+# transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name now warns): the name
+# this version has.
+_CHECKPOINTING = next(name for name in ("activation_checkpointing", "gradient_checkpointing")
+                      if name in {f.name for f in dataclasses.fields(transformers.TrainingArguments)})
+
+
+def _passed_on(spec: TrainFields, model) -> dict:
+    """The settings the Trainer applies itself (precision, checkpointing, logging), as TrainingArguments.
+    The recipe refused what this machine cannot do; what this model cannot do is refused here."""
+    if spec.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        raise BequestError(f"{type(model).__name__} cannot recompute its activations; drop --gradient-checkpointing")
+    # Prefix tuning hands its virtual keys and values to the blocks as an attention cache, and a recomputed
+    # block would append its own to that cache a second time.
+    if spec.gradient_checkpointing and any(getattr(c, "peft_type", None) == "PREFIX_TUNING"
+                                           for c in getattr(model, "peft_config", {}).values()):
+        raise BequestError("prefix tuning cannot recompute activations (its virtual keys and values live in the "
+                           "blocks' attention cache); drop --gradient-checkpointing")
+    return {
+        "bf16": spec.bf16,
+        "fp16": spec.fp16,
+        _CHECKPOINTING: spec.gradient_checkpointing,
+        # Not re-entrant: a PEFT module's frozen host still passes gradients through the recomputed blocks.
+        f"{_CHECKPOINTING}_kwargs": {"use_reentrant": False} if spec.gradient_checkpointing else None,
+        "report_to": spec.report_targets(),
+    }
+
+
 def train(
     model,
     tokenizer,
@@ -180,10 +209,10 @@ def train(
         logging_nan_inf_filter=False,  # a NaN must reach the guard, not be averaged away
         include_num_input_tokens_seen=True,
         seed=spec.seed,
-        report_to="none",
         disable_tqdm=not progress,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        **_passed_on(spec, model),
     )
     classify = task == "seq_cls"
     metrics_path = work / "metrics.jsonl"
@@ -210,6 +239,9 @@ def train(
     )
     if not progress:  # quiet means quiet: no per-log dict printed either
         trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:  # TENSORBOARD_LOGGING_DIR wins
+            callback.logging_dir = str(work / "runs")  # beside metrics.jsonl, so it lands in the output
     run = trainer.train(resume_from_checkpoint=last)
     final = {**run.metrics, **trainer.evaluate()}
     if not classify:

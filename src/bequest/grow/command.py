@@ -19,11 +19,11 @@ from bequest.grow import sharded
 from bequest.grow.probe import probe_ids, probing
 from bequest.grow.spec import GrowSpec
 from bequest.io import atomic_dir, check_disk, check_output, model_card, parse_size, save_recipe
-from bequest.recipe import GrowFields, OutputFields, SizeFields
+from bequest.recipe import GrowFields, ModelFolder, OutputFields, SizeFields
 
 
 class GrowRecipe(SizeFields, GrowFields, OutputFields):
-    src: str = Field(..., description="model folder to grow")
+    src: ModelFolder = Field(..., description="model folder or cached hub id to grow")
     out: str = Field(..., description="output model folder")
     seed: int = Field(0, description="seed for new random weights and noise")
     shard_size: str = Field("2GB", description="largest output shard, like 2GB, 500MB or 4GiB")

@@ -7,10 +7,12 @@
 - `folders`: atomic output folders and the hidden work folder of a run.
 - `adapters`: the layouts of a PEFT module folder (peft's, bequest's bottleneck format) and the one
   reader and writer of their configs.
+- `hub`: hub ids as model folders (their snapshots in the local Hugging Face cache) and back.
 """
 
 from bequest.io.adapters import is_adapter, read_adapter_config, write_adapter_config
 from bequest.io.folders import atomic_dir, check_output, hold, let_go, make_dir, partial_dir
+from bequest.io.hub import cached_snapshot, hub_id, model_folder
 from bequest.io.models import (
     check_checkpoint, check_model, load_config, load_lm, load_model, load_tokenizer, model_card, read_config, read_lineage,
     reference, save_model, save_recipe, save_tokenizer, write_card, write_model,
@@ -27,11 +29,13 @@ __all__ = [
     "StoredTensor",
     "TensorReader",
     "atomic_dir",
+    "cached_snapshot",
     "check_checkpoint",
     "check_model",
     "check_disk",
     "check_output",
     "hold",
+    "hub_id",
     "is_adapter",
     "let_go",
     "make_dir",
@@ -42,6 +46,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "model_card",
+    "model_folder",
     "parse_size",
     "partial_dir",
     "pwrite",

@@ -20,6 +20,7 @@ from bequest import __version__
 from bequest.anatomy import AUTO_CLASSES, PlainConfig, anatomy, family_of, task_of
 from bequest.errors import BequestError
 from bequest.io.folders import atomic_dir
+from bequest.io.hub import hub_id, missing_model
 from bequest.io.safetensors import read_header, weight_files
 
 if TYPE_CHECKING:
@@ -62,8 +63,10 @@ def read_config(path: str | Path) -> PlainConfig:
 
 def _config_file(path: str | Path) -> Path:
     path = Path(path)
+    if not path.exists():
+        raise missing_model(path)
     if not path.is_dir():
-        raise BequestError(f"{path}: no such model folder")
+        raise BequestError(f"{path} is a file; give the model's folder")
     if not (path / "config.json").exists():
         raise BequestError(f"{path}: missing config.json; a model folder needs the config it was saved with")
     return path / "config.json"
@@ -205,12 +208,16 @@ PIPELINES = {"causal_lm": "text-generation", "masked_lm": "fill-mask", "seq_cls"
 
 
 def reference(parent: str | Path) -> str:
-    """A parent others can follow from anywhere: an absolute path for a local folder, else as given (a hub id)."""
-    return os.path.abspath(parent) if Path(parent).exists() else str(parent)
+    """A parent others can follow from anywhere: the hub id of a cached hub model, an absolute path for
+    another local folder, else as given."""
+    return hub_id(parent) or (os.path.abspath(parent) if Path(parent).exists() else str(parent))
 
 
 def model_card(lineage: dict, *, task: str | None = None, library: str = "transformers") -> str:
     parent = lineage.get("parent")
+    if parent and hub_id(parent):  # the lineage names a cached hub model by its id, as the user gave it
+        parent = hub_id(parent)
+        lineage = {**lineage, "parent": parent}
     meta = {"base_model": reference(parent) if parent else None, "library_name": library,
             "pipeline_tag": PIPELINES.get(task), "tags": ["bequest"], "bequest": lineage}
     front = yaml.safe_dump({k: v for k, v in meta.items() if v is not None}, sort_keys=False)

@@ -9,7 +9,8 @@ from pydantic import Field, field_validator
 from bequest.data import corpus as embedded
 from bequest.lifelong.schedule import parse_schedule
 from bequest.recipe import (
-    BlockFields, CausalFamily, CorpusChoice, FileFields, GrowFields, OutputFields, ShapeFields, TrainFields, defaults,
+    BlockFields, CausalFamily, CorpusChoice, FileFields, GrowFields, ModelFolder, OutputFields, ShapeFields, TrainFields,
+    defaults,
 )
 
 # What each method does at every stage after the first; `rewarm` sets the learning-rate schedule of every stage.
@@ -40,7 +41,8 @@ class LifelongRecipe(ShapeFields, GrowFields, BlockFields, FileFields, TrainFiel
         "elle", description="elle, or a baseline: naive, replay (replay only), grow (growth only), rewarm (replay, "
         "and a learning rate re-warmed from --lr-floor and re-decayed to it at every domain)",
     )
-    base: str | None = Field(None, description="start from this causal LM folder (default: a fresh model, shape below)")
+    base: ModelFolder | None = Field(None, description="start from this causal LM folder or cached hub id (default: a "
+                                  "fresh model, shape below)")
     grow_schedule: str = Field(
         "hidden+32,layers+1",
         description="growth before each new domain: 'hidden+32,layers+1' every time, or one per growth separated "

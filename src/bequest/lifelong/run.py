@@ -18,7 +18,7 @@ from bequest.data.prepare import cached_blocks, check_room, domain_texts, specia
 from bequest.engine import prepare_work, processes, train
 from bequest.engine.replay import Memory, memory_share
 from bequest.errors import BequestError
-from bequest.io import atomic_dir, check_output, load_model, write_model
+from bequest.io import atomic_dir, check_output, load_model, make_dir, write_model
 from bequest.lifelong.metrics import perplexity, plot, stage_metrics
 from bequest.lifelong.prompts import collate, encode, prompt_id, prompt_token
 from bequest.lifelong.recipe import METHODS, LifelongRecipe
@@ -89,6 +89,8 @@ def lifelong(r: LifelongRecipe) -> dict:
             row.update(recover_steps=recover, flops=m["flops"])
             if state.is_main_process:  # the only process that logged
                 shutil.move(folder / "recover" / "metrics.jsonl", folder / "recover.jsonl")
+                if (folder / "recover" / "runs").is_dir():  # --report-to tensorboard: the stage's runs/recover
+                    shutil.move(folder / "recover" / "runs", make_dir(folder / "runs") / "recover")
                 shutil.rmtree(folder / "recover")
             state.wait_for_everyone()
         fraction = r.replay_fraction if k and plan["replay"] else 0.0

@@ -11,15 +11,16 @@ from pydantic import Field, field_validator
 from bequest.errors import BequestError
 from bequest.lineage.draw import draw
 from bequest.lineage.graph import scan
-from bequest.recipe import OutputFields
+from bequest.recipe import ModelFolder, OutputFields
 
 with warnings.catch_warnings():
     # pydantic warns that a field named `json` hides BaseModel's deprecated .json(); bequest never calls it
     warnings.filterwarnings("ignore", message='Field name "json"')
 
     class LineageRecipe(OutputFields):
-        dirs: list[str] = Field(..., min_length=1, description="model, fine-tune or adapter folders, or folders "
-                                "to search for them (every folder below, hidden ones skipped)")
+        dirs: list[ModelFolder] = Field(..., min_length=1, description="model, fine-tune or adapter folders (or "
+                                        "cached hub ids), or folders to search for them (every folder below, hidden "
+                                        "ones skipped)")
         json: bool = Field(False, description="print the tree as JSON (nodes and edges) instead of text")
         png: str | None = Field(None, description="also draw the tree into this PNG file")
 

@@ -13,7 +13,7 @@ import yaml
 
 from bequest.anatomy import anatomy
 from bequest.errors import BequestError
-from bequest.io import is_adapter, load_config, read_adapter_config, read_lineage
+from bequest.io import cached_snapshot, is_adapter, load_config, read_adapter_config, read_lineage
 
 MODEL = "config.json"
 # Operations that tune a model for tasks rather than make a new base (and recycle-*). `bequest upgrade`
@@ -46,10 +46,11 @@ def is_node(folder: Path) -> bool:
 
 def resolve(recorded: str, child: Path) -> Path | None:
     """A parent as recorded: absolute, or relative to where the command ran (the current folder, then,
-    failing that, the child's parent folder and the folders above it). None when none of these exists."""
+    failing that, the child's parent folder and the folders above it), or else a hub id in the local
+    Hugging Face cache. None when none of these exists."""
     tries = [Path(recorded), child.parent / recorded, *(up / recorded for up in child.parent.parents)]
-    for p in tries:
-        if is_node(p):
+    for p in [*tries, cached_snapshot(recorded)]:
+        if p is not None and is_node(p):
             return p.resolve()
     return None
 

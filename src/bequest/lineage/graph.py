@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bequest.errors import BequestError
+from bequest.io import hub_id
 from bequest.lineage.folder import Node, describe, is_node, read_node
 
 CHECKPOINT = re.compile(r"checkpoint-\d+")  # Trainer's intermediate saves: not members of the family
@@ -140,7 +141,10 @@ def _generations(nodes: dict[Path, Node]) -> dict[Path, int | None]:
 
 
 def name(path: Path) -> str:
-    """A folder as the user would type it from here: relative when it is under the current folder."""
+    """A folder as the user would type it from here: a cached hub model's id, else relative when it is
+    under the current folder."""
+    if hub_id(path):
+        return hub_id(path)
     try:
         return str(path.relative_to(Path.cwd().resolve()))
     except ValueError:

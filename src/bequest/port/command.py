@@ -16,12 +16,12 @@ from pydantic import Field
 from bequest.io import atomic_dir, check_output, load_config
 from bequest.peft import read_module, write_adapter
 from bequest.port.carry import Init, port_module
-from bequest.recipe import OutputFields
+from bequest.recipe import ModelFolder, OutputFields
 
 
 class PortRecipe(OutputFields):
     adapter: str = Field(..., description="PEFT module folder: peft's (LoRA, IA3, prefix, prompt) or a bequest bottleneck adapter")
-    to: str = Field(..., description="host model folder to port the module onto")
+    to: ModelFolder = Field(..., description="host model folder (or cached hub id) to port the module onto")
     out: str = Field(..., description="output module folder")
     init: Init = Field(
         "ported",

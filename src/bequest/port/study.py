@@ -33,16 +33,17 @@ from bequest.io import atomic_dir, load_config, load_model, save_recipe
 from bequest.peft import KINDS, attach, module_of, new_config, read_module, virtual_tokens, with_module, write_module
 from bequest.port.carry import INITS, Init, port_module
 from bequest.port.report import write_report
-from bequest.recipe import PeftFields, PeftKind, Recipe, TrainFields, TuningFields, without
+from bequest.recipe import ModelFolder, PeftFields, PeftKind, Recipe, TrainFields, TuningFields, without
 
 
 class Pair(Recipe):
     name: str = Field(..., description="the pair's label in tables and plots")
-    source: str = Field(..., description="host folder the modules are trained on (A)")
-    target: str = Field(..., description="host folder they are ported to (B)")
+    source: ModelFolder = Field(..., description="host folder (or cached hub id) the modules are trained on (A)")
+    target: ModelFolder = Field(..., description="host folder (or cached hub id) they are ported to (B)")
 
 
-@without("save_every")  # runs restart instead of resuming: they write no checkpoints
+# Runs restart instead of resuming: they write no checkpoints; and their folders go, event files and all.
+@without("save_every", "report_to")
 class StudyRecipe(TuningFields, PeftFields, TrainFields):
     out: str = Field(..., description="study folder: sources/, runs/, results.jsonl/.csv, report.md/.png")
     pairs: list[Pair] = Field(..., description="host pairs (YAML: a list of {name, source, target})")

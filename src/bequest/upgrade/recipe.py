@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from bequest.recipe import KDFields, OutputFields, TaskFields, TrainFields, TuningFields, defaults
+from bequest.recipe import KDFields, ModelFolder, OutputFields, TaskFields, TrainFields, TuningFields, defaults
 
 # How a source starts on NEW. Every start but `fresh` is then tuned with OLD+SOURCE as the teacher.
 PATHS = {
@@ -28,8 +28,9 @@ class UpgradeRecipe(TaskFields, TuningFields, KDFields, TrainFields, OutputField
         "adapters, full fine-tunes"
     )
     out: str = Field(..., description="output folder: one folder per source, and summary.{md,csv,json,png}")
-    from_: str = Field(..., description="the model the sources were tuned on (OLD)")
-    to: str = Field(..., description="its successor (NEW): continued, grown or independently trained")
+    from_: ModelFolder = Field(..., description="the model the sources were tuned on (OLD): a folder or cached hub id")
+    to: ModelFolder = Field(..., description="its successor (NEW): continued, grown or independently trained; a "
+                           "folder or cached hub id")
     method: Method = Field("auto", description="path for every source; auto: reuse if continued, port if grown, "
                            "transfer if unrelated")
     data: list[str] = Field(
