@@ -73,6 +73,9 @@ def test_finetune_grow_and_info_take_a_cached_hub_id(hub, tmp_path):
         recipe = yaml.safe_load((out / "recipe.yaml").read_text())
         assert recipe.get("model", recipe.get("src")) == ID, out
     assert json.loads((lora / "adapter_config.json").read_text())["base_model_name_or_path"] == ID
+    r = _run(hub, ["export", str(lora), str(tmp_path / "merged")])  # the recorded id is found in the cache
+    assert r.exit_code == 0, r.output
+    assert _front(tmp_path / "merged")["bequest"]["parent"] == ID
     r = _run(hub, ["info", ID])
     assert r.exit_code == 0 and r.output.startswith(f"{ID} ({hub['snapshot']})") and "gpt2" in r.output, r.output
     r = _run(hub, ["lineage", str(tmp_path)])  # the recorded id leads back to the cached model

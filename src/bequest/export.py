@@ -18,9 +18,9 @@ from pydantic import Field
 
 from bequest.anatomy import anatomy, task_of
 from bequest.errors import BequestError
-from bequest.io import atomic_dir, check_model, check_output, load_model, write_model
+from bequest.io import atomic_dir, check_model, check_output, load_model, model_folder, write_model
 from bequest.peft import KINDS, attach, read_module
-from bequest.recipe import OutputFields
+from bequest.recipe import ModelFolder, OutputFields
 
 # Rounding allowance for the exported model's logits against the adapter's, relative to their size:
 # folding in fp32 moved them by at most ~2e-6 of it in the tests; far beyond is a wrong fold, not rounding.
@@ -31,7 +31,8 @@ class ExportRecipe(OutputFields):
     adapter: str = Field(..., description="adapter folder to fold into its base: LoRA, IA3, or a bottleneck adapter "
                          "with the identity activation")
     out: str = Field(..., description="output: a plain transformers model folder")
-    base: str | None = Field(None, description="base model folder (default: the host the adapter records)")
+    base: ModelFolder | None = Field(None, description="base model folder or cached hub id (default: the host the "
+                                     "adapter records)")
     seed: int = Field(0, description="seed of the tokens the exported model is checked on")
 
 
@@ -44,6 +45,7 @@ def export(r: ExportRecipe) -> dict:
     if reason:
         raise BequestError(f"{r.adapter}: a {module.kind} module cannot be folded into its base's weights: {reason}")
     base = r.base or module.config.get("base_model_name_or_path")
+    base = base and model_folder(base)  # a recorded hub id is its snapshot in the local cache
     if not base or not Path(base).is_dir():
         raise BequestError(f"{r.adapter} records {'no base' if not base else f'base {base!r}, not a local folder'}; "
                            "give the base model folder with --base")
