@@ -89,11 +89,14 @@ def test_ap_and_ap_plus_by_hand():
 def test_schedule_parsing_and_shapes():
     assert parse_schedule("hidden+32, layers+1") == [[("hidden", "+", 32), ("layers", "+", 1)]]
     assert parse_schedule("layers+1;hidden=96") == [[("layers", "+", 1)], [("hidden", "=", 96)]]
-    with pytest.raises(ValueError, match="KEY\\+N"):
-        parse_schedule("width+3")
+    assert parse_schedule("layers*2") == [[("layers", "*", 2)]]
+    for bad in ("width+3", "layers/2", "layers*"):
+        with pytest.raises(ValueError, match="KEY\\+N, KEY\\*N or KEY=N"):
+            parse_schedule(bad)
     a = anatomy(tiny("gpt2", "causal_lm", hidden=32, heads=2, ffn=64))
     assert next_shape(a, [("hidden", "+", 16), ("layers", "+", 1)]) == {"hidden": 48, "ffn": 96, "layers": 3}
     assert next_shape(a, [("ffn", "=", 100)]) == {"hidden": 32, "ffn": 100, "layers": 2}
+    assert next_shape(a, [("hidden", "*", 2), ("layers", "*", 2)]) == {"hidden": 64, "ffn": 128, "layers": 4}
 
 
 def test_prompted_and_plain_blocks_score_the_same_tokens():

@@ -1,13 +1,16 @@
 """What a growth asks for: `GrowSpec` (target sizes, operators, their settings) and `target_shape`,
-the validated sizes it comes to for a given source model.
+the validated sizes it comes to for a given source model; and the size grammar growth schedules are
+written in (`parse_schedule`, `parse_grow_at`, `next_shape`).
 
     spec = GrowSpec(hidden=1024, layers=24, width="exact", depth="identity")
     spec = GrowSpec.from_recipe(recipe, sizes, seed=recipe.seed + k)  # any recipe with GrowFields
     target_shape(anatomy(model), spec)  # {"hidden", "heads", "kv_heads", "ffn", "layers"}; raises if impossible
+    parse_schedule("hidden+32,layers*2;layers=6")  # [[("hidden", "+", 32), ("layers", "*", 2)], [("layers", "=", 6)]]
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 from bequest.anatomy import Anatomy
@@ -88,3 +91,63 @@ def target_shape(anat: Anatomy, spec: GrowSpec) -> dict:
             f"keep heads / kv-heads >= {group}"
         )
     return target
+
+
+# ---------------------------------------------------------------- the size grammar of growth schedules
+
+Growth = list[tuple[str, str, int]]  # one growth: (size, '+' | '*' | '=', n) per size it changes
+
+
+def parse_growth(text: str) -> Growth:
+    """'hidden+32, layers*2' -> [("hidden", "+", 32), ("layers", "*", 2)]: add, multiply by, or set a size."""
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        m = re.fullmatch(r"(\w+)\s*([+*=])\s*(\d+)", item)
+        if not m or m[1] not in SIZES:
+            raise ValueError(f"{item!r} is not KEY+N, KEY*N or KEY=N with KEY one of {', '.join(SIZES)}")
+        out.append((m[1], m[2], int(m[3])))
+    return out
+
+
+def parse_schedule(text: str) -> list[Growth]:
+    """'hidden+32,layers+1;layers=6' -> one growth per ';'-separated part."""
+    return [parse_growth(part) for part in text.split(";")]
+
+
+def parse_grow_at(text: str) -> list[tuple[int, Growth]]:
+    """'200:layers*2,400:layers*2' -> [(200, [("layers", "*", 2)]), (400, ...)]: growths at optimizer steps.
+    Items are comma-separated; an item's sizes run to the next 'STEP:', so '200:hidden+32,layers+1' is one."""
+    parts = [s.strip() for s in text.split(",") if s.strip()]
+    if not parts or not re.match(r"\d+\s*:", parts[0]):
+        raise ValueError(f"{text!r} is not STEP:SIZES items like '200:layers*2,400:layers*2'")
+    items = []
+    for part in parts:
+        m = re.fullmatch(r"(\d+)\s*:(.*)", part)
+        if m:
+            items.append((int(m[1]), [m[2]]))
+        else:
+            items[-1][1].append(part)
+    out = []
+    for step, sizes in items:
+        growth = parse_growth(",".join(sizes))
+        if not growth:
+            raise ValueError(f"step {step} names no sizes; write it like '{step}:layers*2'")
+        out.append((step, growth))
+    return out
+
+
+def resized(value: int, op: str, n: int) -> int:
+    return value + n if op == "+" else value * n if op == "*" else n
+
+
+def next_shape(anat, growth: Growth) -> dict:
+    """The target sizes of one growth from a model of `anat`'s sizes; the MLP keeps its ratio to the
+    hidden size unless it is set."""
+    shape = {k: getattr(anat, k) for k in SIZES}
+    for key, op, n in growth:
+        shape[key] = resized(shape[key], op, n)
+    if not any(k == "ffn" for k, _, _ in growth):
+        shape["ffn"] = anat.ffn * shape["hidden"] // anat.hidden
+    if not any(k in ("heads", "kv_heads") for k, _, _ in growth):  # let grow keep the head size and group
+        shape.pop("heads"), shape.pop("kv_heads")
+    return shape

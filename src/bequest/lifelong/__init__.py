@@ -40,11 +40,12 @@ Modules: recipe (LifelongRecipe, METHODS), schedule (growth and step counts), pr
 encoded blocks), metrics (perplexity, AP/AP+, plots), run (`lifelong` and what it needs).
 """
 
+from bequest.grow.spec import SIZES, next_shape, parse_schedule
 from bequest.lifelong.metrics import perplexity, plot, stage_metrics
 from bequest.lifelong.prompts import encode, prompt_id, prompt_token
 from bequest.lifelong.recipe import METHODS, LifelongRecipe
 from bequest.lifelong.run import RewarmTrainer, WindowTrainer, lifelong
-from bequest.lifelong.schedule import SIZES, next_shape, parse_schedule, rewarm_factor
+from bequest.lifelong.schedule import rewarm_factor
 
 __all__ = ["METHODS", "SIZES", "LifelongRecipe", "RewarmTrainer", "WindowTrainer", "encode", "lifelong", "next_shape",
            "parse_schedule", "perplexity", "plot", "prompt_id", "prompt_token", "rewarm_factor", "stage_metrics"]

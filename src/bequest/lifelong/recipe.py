@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from bequest.data import corpus as embedded
-from bequest.lifelong.schedule import parse_schedule
+from bequest.grow.spec import parse_schedule
 from bequest.recipe import (
     BlockFields, CausalFamily, CorpusChoice, FileFields, GrowFields, ModelFolder, OutputFields, ShapeFields, TrainFields,
     defaults,
@@ -46,7 +46,8 @@ class LifelongRecipe(ShapeFields, GrowFields, BlockFields, FileFields, TrainFiel
     grow_schedule: str = Field(
         "hidden+32,layers+1",
         description="growth before each new domain: 'hidden+32,layers+1' every time, or one per growth separated "
-        "by ';' (the last repeats); 'key=N' sets a size; keys: hidden, heads, kv_heads, ffn, layers",
+        "by ';' (the last repeats); 'key*N' multiplies a size, 'key=N' sets it; keys: hidden, heads, kv_heads, ffn, "
+        "layers",
     )
     warmup_steps: int = Field(
         10, ge=0, description="function-recovering warm-up: steps on memory of earlier domains after growth (elle)"

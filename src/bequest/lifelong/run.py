@@ -18,11 +18,12 @@ from bequest.data.prepare import cached_blocks, check_room, domain_texts, specia
 from bequest.engine import prepare_work, processes, train
 from bequest.engine.replay import Memory, memory_share
 from bequest.errors import BequestError
+from bequest.grow.spec import SIZES, parse_schedule
 from bequest.io import atomic_dir, check_output, load_model, make_dir, write_model
 from bequest.lifelong.metrics import perplexity, plot, stage_metrics
 from bequest.lifelong.prompts import collate, encode, prompt_id, prompt_token
 from bequest.lifelong.recipe import METHODS, LifelongRecipe
-from bequest.lifelong.schedule import SIZES, check_growth, grow_stage, parse_schedule, rewarm_factor, stage_steps
+from bequest.lifelong.schedule import check_growth, grow_stage, rewarm_factor, stage_steps
 from bequest.report import write_report
 
 

@@ -1,46 +1,17 @@
-"""How training changes from stage to stage: the growth schedule, growing, each stage's step count, and the
-re-warmed learning rate of `rewarm`."""
+"""How training changes from stage to stage: growing (the schedule's grammar is `bequest.grow.spec`'s),
+each stage's step count, and the re-warmed learning rate of `rewarm`."""
 
 from __future__ import annotations
 
 import math
-import re
 from typing import TYPE_CHECKING
 
 from bequest.anatomy import anatomy
 from bequest.engine import train_flops_per_token
+from bequest.grow.spec import next_shape
 
 if TYPE_CHECKING:
     from bequest.lifelong.recipe import LifelongRecipe
-
-SIZES = ("hidden", "heads", "kv_heads", "ffn", "layers")
-
-
-def parse_schedule(text: str) -> list[list[tuple[str, str, int]]]:
-    """'hidden+32,layers+1;layers=6' -> one list of (key, op, n) per growth."""
-    out = []
-    for stage in text.split(";"):
-        steps = []
-        for item in filter(None, (s.strip() for s in stage.split(","))):
-            m = re.fullmatch(r"(\w+)\s*([+=])\s*(\d+)", item)
-            if not m or m[1] not in SIZES:
-                raise ValueError(f"{item!r} is not KEY+N or KEY=N with KEY one of {', '.join(SIZES)}")
-            steps.append((m[1], m[2], int(m[3])))
-        out.append(steps)
-    return out
-
-
-def next_shape(anat, growth: list[tuple[str, str, int]]) -> dict:
-    """The target sizes of one growth; the MLP keeps its ratio to the hidden size unless it is set."""
-    shape = {k: getattr(anat, k) for k in SIZES}
-    for key, op, n in growth:
-        shape[key] = shape[key] + n if op == "+" else n
-    if not any(k == "ffn" for k, _, _ in growth):
-        shape["ffn"] = anat.ffn * shape["hidden"] // anat.hidden
-    if not any(k in ("heads", "kv_heads") for k, _, _ in growth):  # let grow keep the head size and group
-        shape.pop("heads"), shape.pop("kv_heads")
-    return shape
-
 
 def stage_steps(r: LifelongRecipe, model, per_step: int, seq: int, recover: int) -> tuple[int, int, int]:
     """(recovery steps, training steps, FLOPs per token) of a stage; a FLOP budget sets the steps."""
