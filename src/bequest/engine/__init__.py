@@ -1,7 +1,8 @@
-"""Shared training machinery: data to blocks, Trainer runs, FLOP accounting, replay memory."""
+"""Shared training machinery: data to blocks, Trainer runs (growing ones too), FLOP accounting, replay memory."""
 
 from bequest.engine.data import collator, fixed_masks, labelled, lm_blocks
 from bequest.engine.flops import forward_flops_per_token, matmul_params, train_flops_per_token
+from bequest.engine.growing import growth_events, train_growing
 from bequest.engine.replay import Memory, memory_share, replay_order
 from bequest.engine.train import TrainFields, accuracy, curve, prepare_work, processes, train
 
@@ -13,6 +14,7 @@ __all__ = [
     "curve",
     "fixed_masks",
     "forward_flops_per_token",
+    "growth_events",
     "labelled",
     "lm_blocks",
     "matmul_params",
@@ -22,4 +24,5 @@ __all__ = [
     "replay_order",
     "train",
     "train_flops_per_token",
+    "train_growing",
 ]

@@ -2,6 +2,8 @@
 
 Every method trains through `train()`; it adds FLOP counting, metrics.jsonl, a NaN guard and
 resume-from-checkpoint, and otherwise leaves the Trainer alone so `accelerate launch` scales it.
+A run that grows (engine/growing.py) calls it once per `Phase`: a stretch of the same run, with the
+same schedule, at one size.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import dataclasses
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,11 +79,26 @@ def _progress(work: Path) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of a run that grows during training: where its checkpoints go, the step it stops at
+    (None: the run's last), and the tokens and FLOPs the run had spent when it began (at other sizes)."""
+
+    checkpoints: Path
+    stop: int | None = None
+    tokens: int = 0
+    flops: int = 0
+
+    def flops_at(self, tokens: int, flops_per_token: int) -> int:
+        return self.flops + (tokens - self.tokens) * flops_per_token
+
+
 class _Bookkeeping(transformers.TrainerCallback):
     """metrics.jsonl (one JSON object per log or eval), FLOPs so far, and the NaN guard."""
 
-    def __init__(self, path: Path, flops_per_token: int, perplexity: bool):
+    def __init__(self, path: Path, flops_per_token: int, perplexity: bool, phase: Phase | None = None):
         self.path, self.flops_per_token, self.perplexity = path, flops_per_token, perplexity
+        self.phase = phase or Phase(path.parent / "checkpoints")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
@@ -93,9 +111,21 @@ class _Bookkeeping(transformers.TrainerCallback):
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
         if state.is_world_process_zero:
             row = {"step": state.global_step, "tokens": state.num_input_tokens_seen}
-            row["flops"] = row["tokens"] * self.flops_per_token
+            row["flops"] = self.phase.flops_at(row["tokens"], self.flops_per_token)
             with open(self.path, "a") as f:
                 f.write(json.dumps({**row, **logs}) + "\n")
+
+
+class _StopAt(transformers.TrainerCallback):
+    """Ends the Trainer's run at `step` with a checkpoint there, the schedule still counting to max_steps."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = control.should_save = True
+        return control
 
 
 def _accuracy(pred: transformers.EvalPrediction) -> dict:
@@ -117,6 +147,18 @@ def _last_complete_checkpoint(folder: Path) -> str | None:
         else:
             shutil.rmtree(ckpt, ignore_errors=True)
     return str(done) if done else None
+
+
+def resume_point(folder: Path) -> str | None:
+    """The checkpoint every process resumes from: the main process's newest complete one in `folder`."""
+    last = _last_complete_checkpoint(folder) if processes().is_main_process else None
+    if processes().num_processes > 1:
+        last = broadcast_object_list([last])[0]
+    return last
+
+
+def checkpoint_step(ckpt: str | Path) -> int:
+    return int(Path(ckpt).name.split("-")[-1])
 
 
 def _check_checkpoint(ckpt: Path) -> None:
@@ -170,26 +212,15 @@ def _passed_on(spec: TrainFields, model) -> dict:
     }
 
 
-def train(
-    model,
-    tokenizer,
-    task: str,
-    train_set,
-    eval_set,
-    work: Path,
-    spec: TrainFields,
-    *,
-    flops_per_token: int = 0,
-    callbacks: list | None = None,
-    trainer_class=transformers.Trainer,
-    resume: bool = True,
-    progress: bool = True,
-) -> dict:
-    """Train `model` in `work` (checkpoints/ and metrics.jsonl live there); return final eval metrics."""
-    work = Path(work)
-    ckpt_dir = work / "checkpoints"
-    args = transformers.TrainingArguments(
-        output_dir=str(ckpt_dir),
+def arguments(spec: TrainFields, model, checkpoints: Path, progress: bool = True,
+              report: bool = True) -> transformers.TrainingArguments:
+    """The Trainer's settings for a run of `spec` on `model` writing its checkpoints into `checkpoints`
+    (`report`: to the --report-to targets; off for evaluations that are no part of the run's log)."""
+    passed_on = _passed_on(spec, model)
+    if not report:
+        passed_on["report_to"] = "none"
+    return transformers.TrainingArguments(
+        output_dir=str(checkpoints),
         max_steps=spec.steps,
         per_device_train_batch_size=spec.batch_size,
         per_device_eval_batch_size=spec.batch_size,
@@ -212,20 +243,43 @@ def train(
         disable_tqdm=not progress,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
-        **_passed_on(spec, model),
+        **passed_on,
     )
+
+
+def train(
+    model,
+    tokenizer,
+    task: str,
+    train_set,
+    eval_set,
+    work: Path,
+    spec: TrainFields,
+    *,
+    flops_per_token: int = 0,
+    callbacks: list | None = None,
+    trainer_class=transformers.Trainer,
+    resume: bool = True,
+    progress: bool = True,
+    phase: Phase | None = None,
+) -> dict:
+    """Train `model` in `work` (checkpoints/ and metrics.jsonl live there); return final eval metrics.
+
+    With a `phase`, only that stretch of the run: checkpoints in its folder, FLOPs counted on from its
+    start, and, where it stops before the run's end, a checkpoint at its stop and no closing evaluation."""
+    work = Path(work)
+    phase = phase or Phase(work / "checkpoints")
+    args = arguments(spec, model, phase.checkpoints, progress)
     classify = task == "seq_cls"
     metrics_path = work / "metrics.jsonl"
-    last = None
-    if resume and processes().is_main_process:
-        last = _last_complete_checkpoint(ckpt_dir)
-        if last:
-            _truncate_metrics(metrics_path, int(Path(last).name.split("-")[-1]))
-    if processes().num_processes > 1:  # every process resumes from the checkpoint the main one chose
-        last = broadcast_object_list([last])[0]
+    last = resume_point(phase.checkpoints) if resume else None
+    if last and processes().is_main_process:
+        _truncate_metrics(metrics_path, checkpoint_step(last))
     if last:
         _check_checkpoint(Path(last))
     args.eval_on_start = last is None  # a resumed run already has its starting point logged
+    bookkeeping = _Bookkeeping(metrics_path, flops_per_token, not classify, phase)
+    stop = [] if phase.stop is None else [_StopAt(phase.stop)]
     trainer = trainer_class(
         model=model,
         args=args,
@@ -235,7 +289,7 @@ def train(
         processing_class=tokenizer,
         compute_metrics=_accuracy if classify else None,
         preprocess_logits_for_metrics=(lambda logits, labels: logits.argmax(-1)) if classify else None,
-        callbacks=[_Bookkeeping(metrics_path, flops_per_token, not classify), *(callbacks or [])],
+        callbacks=[bookkeeping, *stop, *(callbacks or [])],
     )
     if not progress:  # quiet means quiet: no per-log dict printed either
         trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
@@ -243,13 +297,26 @@ def train(
         if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:  # TENSORBOARD_LOGGING_DIR wins
             callback.logging_dir = str(work / "runs")  # beside metrics.jsonl, so it lands in the output
     run = trainer.train(resume_from_checkpoint=last)
-    final = {**run.metrics, **trainer.evaluate()}
-    if not classify:
-        final["eval_perplexity"] = math.exp(min(final["eval_loss"], 50.0))
-    final["flops"] = trainer.state.num_input_tokens_seen * flops_per_token
-    final["tokens"] = trainer.state.num_input_tokens_seen
+    final = dict(run.metrics)
+    if phase.stop is None:
+        final.update(trainer.evaluate())
+        if not classify:
+            final["eval_perplexity"] = math.exp(min(final["eval_loss"], 50.0))
+    tokens = trainer.state.num_input_tokens_seen
+    final["flops"] = phase.flops_at(tokens, flops_per_token)
+    final["tokens"] = tokens
     final["is_main"] = trainer.is_world_process_zero()
     return final
+
+
+def evaluate(model, tokenizer, task: str, eval_set, spec: TrainFields, folder: Path,
+             trainer_class=transformers.Trainer) -> dict:
+    """`model`'s validation metrics as `train` takes them, logged nowhere (`folder`: the run's checkpoints)."""
+    args = arguments(spec, model, folder, progress=False, report=False)
+    trainer = trainer_class(model=model, args=args, data_collator=collator(task, tokenizer), eval_dataset=eval_set,
+                            processing_class=tokenizer)
+    trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+    return trainer.evaluate()
 
 
 def curve(work: Path) -> list[tuple[int, float]]:

@@ -48,27 +48,35 @@ def carry(old: dict, maps: dict) -> dict:
     return out
 
 
-def grow_optimizer_state(opt_state: dict, old_model, new_model, maps: dict) -> dict:
-    """A state_dict for `torch.optim.X(new_model.parameters())` from one of `X(old_model.parameters())`."""
-    groups = opt_state["param_groups"]
-    old_params = list(old_model.named_parameters())
-    if len(groups) != 1 or len(groups[0]["params"]) != len(old_params):
+def grow_optimizer_state(opt_state: dict, old_model, new_model, maps: dict, groups=None) -> dict:
+    """A state_dict for `torch.optim.X(new_model.parameters())` from one of `X(old_model.parameters())`.
+
+    `groups`: (old, new) parameter names per param group, in order, for an optimizer built on groups of
+    named parameters (the Trainer's: decayed, not decayed); new group k takes old group k's settings."""
+    saved = opt_state["param_groups"]
+    old_params, new_params = dict(old_model.named_parameters()), dict(new_model.named_parameters())
+    old_groups, new_groups = groups or ([list(old_params)], [list(new_params)])
+    if [len(g["params"]) for g in saved] != [len(g) for g in old_groups] or len(new_groups) != len(saved):
         raise BequestError(
-            "grow_optimizer_state needs an optimizer built on model.parameters(): one group holding "
-            "every parameter in order"
+            "grow_optimizer_state needs the optimizer's parameter groups: one group holding model.parameters() in "
+            "order, or the names of each group's parameters"
         )
-    states = [opt_state["state"].get(i, {}) for i in groups[0]["params"]]
-    moments = sorted({k for s in states for k, v in s.items() if torch.is_tensor(v) and v.ndim > 0})
-    scalars = next(({k: v for k, v in s.items() if k not in moments} for s in states if s), {})
-    new_params = list(new_model.named_parameters())
-    new_names = [n for n, _ in new_params]
+    old_names = [n for g in old_groups for n in g]
+    states = dict(zip(old_names, (opt_state["state"].get(i, {}) for g in saved for i in g["params"])))
+    moments = sorted({k for s in states.values() for k, v in s.items() if torch.is_tensor(v) and v.ndim > 0})
+    scalars = next(({k: v for k, v in s.items() if k not in moments} for s in states.values() if s), {})
+    new_names = [n for g in new_groups for n in g]
     new_state = {
-        i: {k: v.clone() if torch.is_tensor(v) else v for k, v in scalars.items()} for i in range(len(new_params))
+        i: {k: v.clone() if torch.is_tensor(v) else v for k, v in scalars.items()} for i in range(len(new_names))
     }
     old_anat, new_anat = anatomy(old_model), anatomy(new_model)
     for m in moments:
-        named = {n: s.get(m, torch.zeros_like(p)) for (n, p), s in zip(old_params, states)}
+        named = {n: states[n].get(m, torch.zeros_like(p)) for n, p in old_params.items() if n in states}
         grown = from_roles(carry(to_roles(named, old_anat), maps), new_anat, new_names)
-        for i, (n, p) in enumerate(new_params):
+        for i, n in enumerate(new_names):
+            p = new_params[n]
             new_state[i][m] = grown[n].to(device=p.device, dtype=p.dtype)
-    return {"state": new_state, "param_groups": [{**groups[0], "params": list(range(len(new_params)))}]}
+    starts = [sum(map(len, new_groups[:k])) for k in range(len(new_groups))]
+    param_groups = [{**g, "params": list(range(start, start + len(names)))}
+                    for g, start, names in zip(saved, starts, new_groups)]
+    return {"state": new_state, "param_groups": param_groups}
