@@ -301,3 +301,148 @@ def test_report_to_tensorboard_leaves_event_files_in_the_output(tmp_path):
     assert {"train/loss", "eval/loss"} <= tags, tags
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["report_to"] == "tensorboard" and recipe["bf16"] and recipe["gradient_checkpointing"]
+
+
+# ---------------------------------------------------------------- growing while training (--grow-at)
+
+GROWING = ["pretrain", "--family", "gpt2", *TINY, "--steps", "8", "--eval-every", "2", "--save-every", "2",
+           "--warmup", "2", "--grow-at", "3:layers*2,6:layers*2"]
+
+
+@pytest.fixture(scope="module")
+def grown_run(tmp_path_factory):
+    """A 1-layer GPT-2 stacked to 2 layers at step 3 and to 4 at step 6, trained 8 steps in all."""
+    out = tmp_path_factory.mktemp("grow-at") / "whole"
+    r = invoke(*GROWING, out)
+    assert r.exit_code == 0, r.output
+    assert "1 -> 2 layers at step 3" in r.output and "2 -> 4 layers at step 6" in r.output
+    return out
+
+
+def rows_of(folder: Path) -> list[dict]:
+    return [json.loads(r) for r in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grow_at_doubles_the_depth_at_the_given_steps(grown_run):
+    from bequest.io import load_config, read_lineage
+
+    assert load_config(grown_run).n_layer == 4
+    growths = [r for r in rows_of(grown_run) if "growth" in r]
+    assert [(g["step"], g["growth"]["from"]["layers"], g["growth"]["to"]["layers"]) for g in growths] == [
+        (3, 1, 2), (6, 2, 4)]
+    assert [g["growth"]["layers"] for g in growths] == [[0, 0], [0, 1, 0, 1]]  # stack: the blocks copied on top
+    for g in growths:  # stack is not function-preserving: both losses are measured, and they differ
+        assert math.isfinite(g["growth"]["loss_before"]) and g["growth"]["loss_after"] != g["growth"]["loss_before"]
+    card = read_lineage(grown_run)["growth"]
+    assert [(c["step"], c["to"]["layers"], c["depth"]) for c in card] == [(3, 2, "stack"), (6, 4, "stack")]
+    tree = invoke("lineage", grown_run)
+    assert tree.exit_code == 0 and "grown while training: 1 -> 2 -> 4 layers at steps 3, 6 (stack)" in tree.output
+    assert "grown while training" in (grown_run / "report.md").read_text()
+
+
+def test_grow_at_counts_each_phase_at_its_own_size(grown_run):
+    from bequest.anatomy import anatomy, make_config
+    from bequest.engine import train_flops_per_token
+    from bequest.io import load_config
+
+    vocab = load_config(grown_run).vocab_size
+
+    def per_token(layers):
+        config = make_config("gpt2", layers=layers, hidden=32, heads=2, ffn=128, vocab=vocab, positions=32)
+        return train_flops_per_token(anatomy(config, "causal_lm"), 32)
+
+    per_step = 4 * 32  # batch x block
+    expected = per_step * (3 * per_token(1) + 3 * per_token(2) + 2 * per_token(4))
+    final = json.loads((grown_run / "eval.json").read_text())
+    assert final["flops"] == expected and final["tokens"] == 8 * per_step
+    assert expected < 8 * per_step * per_token(4)  # not all of it at the final size
+    flops = [r["flops"] for r in rows_of(grown_run)]
+    assert flops == sorted(flops) and flops[-1] == expected
+
+
+def test_grow_at_keeps_the_learning_rate_schedule(grown_run):
+    import transformers
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    schedule = transformers.get_cosine_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=8)
+    used = []  # the rate of step s is the schedule's after s - 1 steps, as the Trainer logs it
+    for _ in range(8):
+        used.append(schedule.get_last_lr()[0])
+        opt.step()
+        schedule.step()
+    logged = {r["step"]: r["learning_rate"] for r in rows_of(grown_run) if "learning_rate" in r}
+    assert sorted(logged) == [2, 4, 6, 8]  # 4 and 8: just after a growth, and the last step
+    assert all(logged[s] == pytest.approx(used[s - 1], rel=1e-9) for s in logged), (logged, used)
+
+
+def test_grow_at_carries_adam_moments_and_resumes_at_the_grown_shape(grown_run, tmp_path, monkeypatch):
+    import transformers
+
+    from bequest.io import load_config, load_model
+
+    save = transformers.Trainer._save_checkpoint
+
+    def save_then_die(self, model, trial):
+        save(self, model, trial)
+        if self.state.global_step == 4:
+            raise RuntimeError("killed")  # after the first checkpoint at the grown size
+
+    monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", save_then_die)
+    killed = tmp_path / "killed"
+    assert isinstance(invoke(*GROWING, killed).exception, RuntimeError)
+    monkeypatch.undo()
+    ckpts = tmp_path / ".killed.partial" / "checkpoints"
+    before, after = ckpts / "checkpoint-3", ckpts / "phase-1" / "checkpoint-3"
+    assert (ckpts / "phase-1" / "checkpoint-4").exists() and not (ckpts / "phase-2").exists()
+    assert load_config(after).n_layer == 2 == load_config(ckpts / "phase-1" / "checkpoint-4").n_layer
+
+    def adam(ckpt):
+        """{parameter name: AdamW state} as the Trainer reads the checkpoint back on resume."""
+        model, _ = load_model(ckpt, with_tokenizer=False)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / "scratch"), report_to="none", use_cpu=True)
+        opt = transformers.Trainer(model=model, args=args).create_optimizer()
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        return {n: opt.state[p] for n, p in model.named_parameters()}
+
+    old, new = adam(before), adam(after)
+    assert len(new) > len(old) and all(s["step"].item() == 3 for s in new.values())
+    for name, state in old.items():
+        copies = [name.replace(".h.0.", f".h.{j}.") for j in (0, 1)] if ".h.0." in name else [name]
+        for copy in copies:
+            for m in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(new[copy][m], state[m]), (copy, m)
+        assert state["exp_avg_sq"].abs().sum() > 0, name  # real history, not zeros
+
+    resumed = invoke(*GROWING, killed)
+    assert resumed.exit_code == 0, resumed.output
+    assert same_weights(grown_run, killed)
+    skip = ("runtime", "per_second", "train_loss")
+
+    def timeless(rs):
+        return [{k: v for k, v in r.items() if not any(s in k for s in skip)} for r in rs]
+
+    assert timeless(rows_of(killed)) == timeless(rows_of(grown_run))
+
+
+@pytest.mark.parametrize(
+    "grow_at,says",
+    [
+        ("3:layers*2,2:layers*2", "must come after 3"),
+        ("8:layers*2", "before --steps 8"),
+        ("3:layers*1", "must add layers"),
+        ("3:layers=1", "must add layers"),
+        ("3:hidden+32", "grows depth only"),
+        ("3:layers^2", "KEY*N"),
+        ("layers*2", "STEP:SIZES"),
+        ("3:", "names no sizes"),
+    ],
+)
+def test_bad_grow_at_is_one_line_exit_2(tmp_path, grow_at, says):
+    r = invoke("pretrain", *TINY, "--steps", "8", "--grow-at", grow_at, tmp_path / "m")
+    assert r.exit_code == 2 and one_error_line(r.output, says), r.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_grow_at_refuses_what_the_depth_operator_cannot_do(tmp_path):
+    r = invoke("pretrain", *TINY, "--steps", "8", "--grow-at", "3:layers=3", "--depth", "solar", tmp_path / "m")
+    assert r.exit_code == 2 and one_error_line(r.output, "at most 2"), r.output

@@ -1,7 +1,7 @@
 """One folder of a family, read from what bequest, transformers and peft leave on disk: the model card's
-lineage block, `growth.json`, `port.json`, `recipe.yaml`, an adapter's config (peft's
-`adapter_config.json` or bequest's `bottleneck_config.json`, read by `bequest.io.adapters`) and
-`config.json`. Nothing is loaded but small text files; no weights."""
+lineage block (with the growths of a run that grew while training), `growth.json`, `port.json`,
+`recipe.yaml`, an adapter's config (peft's `adapter_config.json` or bequest's `bottleneck_config.json`, read
+by `bequest.io.adapters`) and `config.json`. Nothing is loaded but small text files; no weights."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ class Node:
     shape: dict | None = None  # family, task and sizes (models and fine-tunes)
     peft_type: str | None = None  # adapters
     maps: dict | None = None  # growth.json's index maps (grown models)
+    growth: list[dict] | None = None  # the card's growths during training (pretrain --grow-at): step, from, to, ...
     problem: str | None = None  # why part of the folder could not be read
 
     @property
@@ -95,6 +96,9 @@ def _adapter(path: Path, card: dict, recipe: dict, port: dict) -> Node:
 def _model(path: Path, card: dict) -> Node:
     operation = card.get("operation")
     node = Node(path, "model", operation, _text(card.get("parent")), None)
+    growth = card.get("growth")
+    if isinstance(growth, list) and all(isinstance(g, dict) for g in growth):
+        node.growth = growth
     try:
         a = anatomy(load_config(path))
         node.shape = {"family": a.family.name, "task": a.task, "layers": a.layers, "hidden": a.hidden,
@@ -132,3 +136,14 @@ def describe(shape: dict | None) -> str:
         return "shape unknown"
     kv = f", {shape['kv_heads']} KV heads" if shape["kv_heads"] != shape["heads"] else ""
     return f"{shape['family']} {shape['layers']}x{shape['hidden']} ({shape['heads']} heads{kv}, ffn {shape['ffn']})"
+
+
+def growth_text(growth: list[dict]) -> str:
+    """'1 -> 2 -> 4 layers at steps 200, 400 (stack)': how a model grew while it trained."""
+    try:
+        layers = " -> ".join(str(n) for n in [growth[0]["from"]["layers"], *(g["to"]["layers"] for g in growth)])
+        steps = ", ".join(str(g["step"]) for g in growth)
+        how = ", ".join(dict.fromkeys(str(g.get("depth")) for g in growth))
+    except (KeyError, TypeError):
+        return "record unreadable"
+    return f"{layers} layers at step{'s' if len(growth) > 1 else ''} {steps} ({how})"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bequest.errors import BequestError
 from bequest.io import hub_id
-from bequest.lineage.folder import Node, describe, is_node, read_node
+from bequest.lineage.folder import Node, describe, growth_text, is_node, read_node
 
 CHECKPOINT = re.compile(r"checkpoint-\d+")  # Trainer's intermediate saves: not members of the family
 ORDER = {"adapter": 0, "fine-tune": 1, "model": 2}  # what hangs on a model is listed before its successors
@@ -78,6 +78,8 @@ class Graph:
             parts.append(n.operation or "no lineage record")
         if n.parent is not None and n.operation is None:
             parts[-1] += " (no lineage record)"
+        if n.growth:
+            parts.append(f"grown while training: {growth_text(n.growth)}")
         if n.source is not None:
             parts.append(f"carried from {name(n.source)}")
         if n.problem:
@@ -88,7 +90,7 @@ class Graph:
         nodes = [{"path": str(p), "name": name(p), "kind": n.kind, "operation": n.operation,
                   "generation": self.generations[p], "parent": _str(n.parent), "recorded_parent": n.recorded,
                   "missing_parent": n.missing, "source": _str(n.source), "shape": n.shape, "peft_type": n.peft_type,
-                  "grown": n.maps is not None, "problem": n.problem}
+                  "grown": n.maps is not None, "growth": n.growth, "problem": n.problem}
                  for p, n in sorted(self.nodes.items(), key=lambda kv: name(kv[0]))]
         edges = [{"parent": str(e.parent), "child": str(e.child), "operation": e.operation, "role": e.role}
                  for e in self.edges]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bequest.errors import BequestError
 from bequest.lineage import read_node
-from bequest.lineage.folder import describe, is_node
+from bequest.lineage.folder import describe, growth_text, is_node
 from bequest.report import plots
 from bequest.report.metrics import fmt, read_json, rows, runs_under
 
@@ -127,6 +127,8 @@ def lineage_section(folder: Path) -> list[Section]:
         facts.append(["carried from", str(node.source)])
     if node.shape:
         facts.append(["shape", describe(node.shape)])
+    if node.growth:
+        facts.append(["grown while training", growth_text(node.growth)])
     if node.peft_type:
         facts.append(["PEFT type", node.peft_type])
     return [Section("Lineage", [Table(["lineage", "as recorded"], facts)])]
