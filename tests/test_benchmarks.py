@@ -22,3 +22,8 @@ def test_quick_mode(tmp_path, script):
     results = json.loads((tmp_path / f"{name}.json").read_text())
     assert results["benchmark"] == name and results["quick"] is True
     assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    if name == "growth_convergence":  # the stacking row: grown while training, within the one-shot rows' budget
+        stacking = results["operators"]["progressive stacking"]
+        assert [g["layers"] for g in stacking["growth"]] == [[1, 2]]
+        budget = results["small_pretraining"]["flops"] + results["scratch"]["flops"]
+        assert stacking["flops"] <= stacking["flops_budget"] == budget

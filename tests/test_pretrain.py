@@ -337,6 +337,8 @@ def test_grow_at_doubles_the_depth_at_the_given_steps(grown_run):
     assert [(c["step"], c["to"]["layers"], c["depth"]) for c in card] == [(3, 2, "stack"), (6, 4, "stack")]
     tree = invoke("lineage", grown_run)
     assert tree.exit_code == 0 and "grown while training: 1 -> 2 -> 4 layers at steps 3, 6 (stack)" in tree.output
+    nodes = json.loads(invoke("lineage", grown_run, "--json").output)["nodes"]
+    assert [g["step"] for g in nodes[0]["growth"]] == [3, 6]
     assert "grown while training" in (grown_run / "report.md").read_text()
 
 

@@ -33,6 +33,7 @@ root = Path(sys.argv[1])
 lm = dict(seq_len=32, batch_size=4, eval_blocks=4, eval_every=2, steps=2)
 task = dict(data="kind", max_len=32, batch_size=4, eval_examples=8, train_examples=16, eval_every=2, steps=2)
 pretrain(PretrainRecipe(out=str(root / "g1"), layers=1, hidden=32, heads=2, vocab=500, **lm))
+pretrain(PretrainRecipe(out=str(root / "stacked"), layers=1, hidden=32, heads=2, vocab=500, grow_at="1:layers*2", **lm))
 continue_pretrain(ContinueRecipe(model=str(root / "g1"), out=str(root / "g1c"), domain="data", **lm))
 inherit(InheritRecipe(teacher=str(root / "g1"), out=str(root / "g2"), layers=2, init="grow", **lm))
 finetune(FinetuneRecipe(model=str(root / "g1"), out=str(root / "tuned"), peft="lora", **task), progress=False)
@@ -58,10 +59,13 @@ def test_every_training_verb_finishes_under_two_processes(tmp_path):
     r = launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", str(tmp_path / "driver.py"), str(tmp_path), port=29541)
     assert r.returncode == 0, r.stderr[-4000:]
-    for out in ("g1", "g1c", "g2", "tuned", "recycled", "learned", *(f"lifelong-{m}" for m in ("elle", "naive", "replay", "grow"))):
+    for out in ("g1", "stacked", "g1c", "g2", "tuned", "recycled", "learned", *(f"lifelong-{m}" for m in ("elle", "naive", "replay", "grow"))):
         assert (tmp_path / out).is_dir() and not (tmp_path / f".{out}.partial").exists(), out
     rows = [json.loads(x) for x in (tmp_path / "g1" / "metrics.jsonl").read_text().splitlines()]
     assert max(x["tokens"] for x in rows) == 2 * 2 * 4 * 32  # 2 steps x 2 processes x 4 blocks x 32 tokens
+    grew = [x for x in map(json.loads, (tmp_path / "stacked" / "metrics.jsonl").read_text().splitlines()) if "growth" in x]
+    assert [(x["step"], x["growth"]["to"]["layers"]) for x in grew] == [(1, 2)]
+    assert json.loads((tmp_path / "stacked" / "config.json").read_text())["n_layer"] == 2
     stages = json.loads((tmp_path / "lifelong-elle" / "metrics.json").read_text())["stages"]
     assert stages[1]["recover_steps"] == 2 and (tmp_path / "lifelong-elle" / "stage1-data" / "recover.jsonl").exists()
 

@@ -81,8 +81,8 @@ def _progress(work: Path) -> str | None:
 
 @dataclass(frozen=True)
 class Phase:
-    """A stretch of a run that grows during training: where its checkpoints go, the step it stops at
-    (None: the run's last), and the tokens and FLOPs the run had spent when it began (at other sizes)."""
+    """A stretch of a run at one size (all of it, unless it grows while training): where its checkpoints go,
+    the step it stops at (None: the run's last), and the tokens and FLOPs spent before it (at other sizes)."""
 
     checkpoints: Path
     stop: int | None = None
