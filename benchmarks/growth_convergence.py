@@ -10,7 +10,8 @@ Progressive stacking (StackingBERT, Gong et al. 2019; `bequest pretrain --grow-a
 grows depth only (--grow-at refuses width), so it cannot start from the 2x64 model: it starts from scratch
 at the large width and a quarter of the depth, 1x128, and is stacked (the trained blocks copied on top,
 AdamW moments along, one learning-rate schedule) to 2x128 and then 4x128, with the steps split
-12.5% / 17.5% / 70% between the three depths, roughly the paper's BERT-base schedule (50k / 70k / 280k).
+12.5% / 17.5% / 70% between the three depths (the authors' script trains 3 and 6 blocks for 50k and 70k
+steps; 400k steps in all is our reading of their BERT-base run).
 Its budget is the one-shot rows' whole cost: the small model's pre-training plus scratch's FLOPs; its step
 count is whatever that budget buys at those sizes, and its growth steps are rounded to the evaluation grid.
 Every FLOP it spends, at every depth, is on its curve, so its saving counts everything; it compares with

@@ -305,6 +305,7 @@ def test_report_to_tensorboard_leaves_event_files_in_the_output(tmp_path):
 
 # ---------------------------------------------------------------- growing while training (--grow-at)
 
+ONE_WORKER = pytest.mark.xdist_group("grow-at")  # the tests of grown_run: one worker, so the run is made once
 GROWING = ["pretrain", "--family", "gpt2", *TINY, "--steps", "8", "--eval-every", "2", "--save-every", "2",
            "--warmup", "2", "--grow-at", "3:layers*2,6:layers*2"]
 
@@ -323,6 +324,7 @@ def rows_of(folder: Path) -> list[dict]:
     return [json.loads(r) for r in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+@ONE_WORKER
 def test_grow_at_doubles_the_depth_at_the_given_steps(grown_run):
     from bequest.io import load_config, read_lineage
 
@@ -342,6 +344,7 @@ def test_grow_at_doubles_the_depth_at_the_given_steps(grown_run):
     assert "grown while training" in (grown_run / "report.md").read_text()
 
 
+@ONE_WORKER
 def test_grow_at_counts_each_phase_at_its_own_size(grown_run):
     from bequest.anatomy import anatomy, make_config
     from bequest.engine import train_flops_per_token
@@ -362,6 +365,7 @@ def test_grow_at_counts_each_phase_at_its_own_size(grown_run):
     assert flops == sorted(flops) and flops[-1] == expected
 
 
+@ONE_WORKER
 def test_grow_at_keeps_the_learning_rate_schedule(grown_run):
     import transformers
 
@@ -377,6 +381,7 @@ def test_grow_at_keeps_the_learning_rate_schedule(grown_run):
     assert all(logged[s] == pytest.approx(used[s - 1], rel=1e-9) for s in logged), (logged, used)
 
 
+@ONE_WORKER
 def test_grow_at_carries_adam_moments_and_resumes_at_the_grown_shape(grown_run, tmp_path, monkeypatch):
     import transformers
 
