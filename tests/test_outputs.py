@@ -10,6 +10,7 @@ import yaml
 
 from bequest.data.tasks import load_task
 from bequest.finetune import FinetuneRecipe, finetune
+from bequest.grow.command import GrowRecipe, grow_command
 from bequest.io import load_model, read_lineage
 from bequest.peft import attach, module_of, new_config, read_module, with_module, write_adapter
 from bequest.port.command import PortRecipe, port
@@ -95,6 +96,14 @@ def test_every_adapter_folder_carries_a_lineage_card(world):
     front = _front(world / "full")
     assert (front["library_name"], front["pipeline_tag"]) == ("transformers", "text-classification")
     assert _front(world / "base")["pipeline_tag"] == "text-generation"
+
+
+def test_a_grown_model_card_names_its_pipeline(world, tmp_path):
+    """`bequest grow` plans from config.json alone; its card still says what the model is for."""
+    for source, tag in (("base", "text-generation"), ("full", "text-classification")):
+        grow_command(GrowRecipe(src=str(world / source), out=str(tmp_path / source), layers=2))
+        front = _front(tmp_path / source)
+        assert (front["library_name"], front["pipeline_tag"]) == ("transformers", tag), source
 
 
 def test_a_bottleneck_adapter_card_names_bequest_and_keeps_a_hub_id(tmp_path):

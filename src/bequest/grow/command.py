@@ -74,7 +74,7 @@ def grow_command(r: GrowRecipe) -> dict:
         sharded.copy_tokenizer(r.src, folder)
         lineage = {"parent": str(r.src), "operation": "grow", "recipe": r.model_dump(), "version": __version__}
         save_recipe(folder, r.model_dump())
-        (folder / "README.md").write_text(model_card(lineage) + _card_line(report, r), encoding="utf-8")
+        (folder / "README.md").write_text(model_card(lineage, task=plan.anat.task) + _card_line(report, r), encoding="utf-8")
         (folder / "growth.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     deviation = report["max_abs_logit_change"]
     measured = "not measured" if deviation is None else f"{deviation:.3g}"
