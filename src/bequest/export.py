@@ -18,6 +18,7 @@ from pydantic import Field
 
 from bequest.anatomy import anatomy, task_of
 from bequest.errors import BequestError
+from bequest.grow.probe import probe_ids
 from bequest.io import atomic_dir, check_model, check_output, load_model, model_folder, write_model
 from bequest.peft import KINDS, attach, read_module
 from bequest.recipe import ModelFolder, OutputFields
@@ -58,7 +59,7 @@ def export(r: ExportRecipe) -> dict:
                            "be untrained; give the classifier it was tuned with as --base")
     host, tokenizer = load_model(base, task, num_labels=labels)
     carrier = attach(host, module).eval()  # refuses a module that does not fit the base, in one line
-    ids = _tokens(shape, r.seed)
+    ids = torch.as_tensor(probe_ids(config, r.seed)[:1])  # one row: a classifier without a pad token takes no batch
     with torch.no_grad():
         before = carrier(input_ids=ids).logits
         try:
@@ -75,8 +76,3 @@ def export(r: ExportRecipe) -> dict:
     print(f"saved {r.out}: the {module.kind} module folded into {base}; max |Δ logits| {change:.2g} against the module on it")
     return {"kind": module.kind, "base": str(base), "max_abs_logit_change": change}
 
-
-def _tokens(shape, seed: int) -> torch.Tensor:
-    """One row of random token ids a model of `shape` takes (one row: a classifier needs no padding token)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, shape.vocab, (1, min(16, shape.usable_positions)), generator=g)
