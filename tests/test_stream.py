@@ -189,6 +189,60 @@ def test_probe_takes_copied_blocks_only_when_their_bytes_on_disk_match(tmp_path,
     assert probe_folders(src, out, ids) > 1e-3 and (4, 2) in ran
 
 
+def test_copied_tensors_are_compared_as_they_are_written(tmp_path, monkeypatch):
+    """The writer tells the probe of each copy while both are in the page cache; once the model is
+    written, no copied block is run or found equal again (a new block is only told apart from the
+    source block after its own). Only pairs found equal count as known."""
+    from bequest.grow import forward, probe
+
+    compared, after = [], []
+    monkeypatch.setattr(probe, "same_bytes", lambda *a, real=probe.same_bytes: compared.append(a[1:]) or real(*a))
+    monkeypatch.setattr(forward, "same_bytes", lambda *a, real=forward.same_bytes: after.append(real(*a)) or after[-1])
+    ran, real_block = [], forward.Model.block
+    monkeypatch.setattr(forward.Model, "block", lambda self, h, i: ran.append((self.layers, i)) or real_block(self, h, i))
+    src = save(tmp_path / "src", trained("llama"))
+    report = grow_command(GrowRecipe(src=str(src), out=str(tmp_path / "deep"), layers=4))
+    plan = sharded.plan(src, GrowSpec(layers=4), shard_size=2 * 10**9)
+    copies = [o.name for shard in plan.shards for o in shard if o.how == "copy"]
+    assert report["max_abs_logit_change"] == 0
+    assert sorted(copy.name for _, copy in compared) == sorted(copies) and not any(after)
+    assert sorted(ran) == [(2, 0), (2, 1), (4, 1), (4, 3)]
+
+    stored = {n: s for f in weight_files(tmp_path / "deep") for n, s in forward.stored_tensors(f).items()}
+    q = "model.layers.{}.self_attn.q_proj.weight"
+    with probe.probing(src, probe.probe_ids(plan.anat.config)) as p:  # a copy reported wrongly: not known
+        source = next(s for f in weight_files(src) for n, s in forward.stored_tensors(f).items() if n == q.format(0))
+        p.copied(source, stored[q.format(2)])  # grown block 2 is source block 1
+        assert p.against(tmp_path / "deep") == 0 and p.equal == set()
+
+
+def test_products_split_over_threads_match_one_thread(tmp_path, monkeypatch):
+    """Big products are split over threads by rows (Conv1D: by inputs, partial sums added in order)."""
+    import contextlib
+
+    from bequest.grow import forward
+    from bequest.grow.probe import probe_ids, source_pass
+    from bequest.io import read_config
+
+    def run(folder, threads):
+        monkeypatch.setattr(forward, "THREADS", threads)
+        monkeypatch.setattr(forward, "CHUNK", 256)  # every weight of the tiny models is several slices
+        split = []
+        monkeypatch.setattr(forward.Model, "_split", lambda self, part, s, real=forward.Model._split:
+                            split.append(self.pool is not None) or real(self, part, s))
+        with contextlib.ExitStack() as stack:
+            model = forward.Model(folder, probe_ids(read_config(folder)), stack)
+            trace, outputs = source_pass(model, __import__("threading").Event())
+        return outputs, any(split)
+
+    for family in ("gpt2", "llama"):
+        src = save(tmp_path / family, trained(family))
+        (one, split_one), (three, split_three) = run(src, 1), run(src, 3)
+        assert not split_one and split_three
+        for a, b in zip(one, three):
+            assert abs(a - b).max() <= 1e-5 * abs(a).max()
+
+
 LIGHT = """
 import sys
 from pathlib import Path

@@ -61,15 +61,16 @@ def grow_command(r: GrowRecipe) -> dict:
         "seconds": {"plan": time.perf_counter() - start},
         "maps": plan.maps,
     }
-    probe = probe_ids(plan.anat.config)
-    with atomic_dir(r.out, r.overwrite) as folder, probing(plan.src, probe) if r.probe else nullcontext() as against:
+    ids = probe_ids(plan.anat.config)
+    with atomic_dir(r.out, r.overwrite) as folder, probing(plan.src, ids) if r.probe else nullcontext() as probe:
         start = time.perf_counter()
-        sharded.write(plan, folder)  # meanwhile, the probe runs the source in a thread
+        # Meanwhile the probe runs the source in a thread, and compares each copied tensor in another.
+        sharded.write(plan, folder, copied=probe.copied if r.probe else None)
         report["seconds"]["write"] = time.perf_counter() - start
         if r.probe:
             start = time.perf_counter()
-            report["max_abs_logit_change"] = against(folder)
-            report["probe"] = {"shape": list(probe.shape), "seed": 0, "ids": "uniform over the vocabulary"}
+            report["max_abs_logit_change"] = probe.against(folder)
+            report["probe"] = {"shape": list(ids.shape), "seed": 0, "ids": "uniform over the vocabulary"}
             report["seconds"]["probe_after_write"] = time.perf_counter() - start
         sharded.copy_tokenizer(r.src, folder)
         lineage = {"parent": str(r.src), "operation": "grow", "recipe": r.model_dump(), "version": __version__}

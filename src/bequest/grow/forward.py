@@ -15,6 +15,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from math import prod
 from pathlib import Path
 
@@ -25,6 +29,9 @@ from bequest.errors import BequestError
 from bequest.io import DTYPES, StoredTensor, TensorReader, read_config, stored_tensors, weight_files
 
 CHUNK = 2**22  # weight entries turned into fp32 at a time (16 MB)
+# Threads a big product is split over (each converts and multiplies its own rows): the products of a
+# few tokens are as slow as reading their weights, which one thread cannot do at the memory's speed.
+THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 FLOATS = {"F32": np.float32, "F16": np.float16, "F64": np.float64}  # and BF16, which numpy lacks
 
 
@@ -116,9 +123,10 @@ class Model:
                 with contextlib.suppress(BequestError):  # a buffer saved with the weights
                     self.stored[str(anat.slots([name])[name])] = s
         self.reader = TensorReader(stack)
-        # One slice's fp32 values, reused: a fresh buffer for every slice would leave the heap as big as
-        # the biggest mix of them (glibc keeps freed pages). bf16 slices have their own, zeros below.
-        self._floats = {dtype: np.zeros(CHUNK, dtype=np.float32) for dtype in ("BF16", "F16", "F64")}
+        self.pool = stack.enter_context(ThreadPoolExecutor(THREADS - 1, "forward")) if THREADS > 1 else None
+        # Per thread, one slice's fp32 values, reused: a fresh buffer for every slice would leave the heap
+        # as big as the biggest mix of them (glibc keeps freed pages). bf16 slices have their own, zeros below.
+        self._local = threading.local()
         self.causal = "causal_lm" in self.fam.tasks  # decoders attend backwards and pool their last token
         self.rope = "embed.position" not in self.fam.embed  # families without a position table rotate
         self.act = getattr(self.config, self.fam.act_key, None)
@@ -159,22 +167,24 @@ class Model:
 
     # ------------------------------------------------------------ weights
 
-    def _slices(self, key: str):
-        """(first row, rows as fp32) of the stored tensor `key`, about CHUNK entries at a time."""
-        s, raw = self.stored[key], self._raw(key)
+    def _slices(self, key: str, rows: range | None = None):
+        """(first row, rows as fp32) of the stored tensor `key` (of `rows` only, when given), about CHUNK
+        entries at a time."""
+        s = self.stored[key]
+        rows = range(s.shape[0]) if rows is None else rows
         row, size = prod(s.shape[1:]), DTYPES[s.dtype].size
+        mine = replace(s, start=s.start + rows.start * row * size, nbytes=len(rows) * row * size)
+        raw = np.frombuffer(self.reader.mapped(mine), dtype=np.uint8)  # only these rows' pages
         step = max(1, CHUNK // max(row, 1))
-        out = self._floats.get(s.dtype)
+        if not hasattr(self._local, "floats"):
+            self._local.floats = {dtype: np.zeros(CHUNK, dtype=np.float32) for dtype in ("BF16", "F16", "F64")}
+        out = self._local.floats.get(s.dtype)
         if out is not None and step * row > len(out):  # rows longer than a slice
-            out = self._floats[s.dtype] = np.zeros(step * row, dtype=np.float32)
-        for first in range(0, s.shape[0], step):
-            n = min(step, s.shape[0] - first)
-            part = raw[first * row * size : (first + n) * row * size]
+            out = self._local.floats[s.dtype] = np.zeros(step * row, dtype=np.float32)
+        for first in range(rows.start, rows.stop, step):
+            n = min(step, rows.stop - first)
+            part = raw[(first - rows.start) * row * size : (first - rows.start + n) * row * size]
             yield first, _fp32(part, s.dtype, out).reshape(n, *s.shape[1:])
-
-    def _raw(self, key: str) -> np.ndarray:
-        """The stored bytes of `key`, mapped from the shard."""
-        return np.frombuffer(self.reader.mapped(self.stored[key]), dtype=np.uint8)
 
     def vector(self, key: str) -> np.ndarray:
         return np.concatenate([rows.copy() for _, rows in self._slices(key)])
@@ -194,16 +204,34 @@ class Model:
             key = "embed.token.weight"
         s = self.stored[key]
         if self.fam.conv1d and role.startswith("layer."):  # Conv1D keeps [in, out]: slices are inputs
-            y = np.zeros((x.shape[0], s.shape[1]), dtype=np.float32)
-            for first, w in self._slices(key):
-                y += x[:, first : first + len(w)] @ w
+
+            def part(rows: range) -> np.ndarray:
+                y = np.zeros((x.shape[0], s.shape[1]), dtype=np.float32)
+                for first, w in self._slices(key, rows):
+                    y += x[:, first : first + len(w)] @ w
+                return y
+
+            y = sum(self._split(part, s))  # the parts in a fixed order: the same sums every time
         else:
             y = np.empty((x.shape[0], s.shape[0]), dtype=np.float32)
-            for first, w in self._slices(key):
-                y[:, first : first + len(w)] = x @ w.T
+
+            def part(rows: range) -> None:
+                for first, w in self._slices(key, rows):
+                    y[:, first : first + len(w)] = x @ w.T
+
+            self._split(part, s)
         if f"{role}.bias" in self.stored:
             y += self.vector(f"{role}.bias")
         return y
+
+    def _split(self, part, s: StoredTensor) -> list:
+        """part(rows) over THREADS ranges of the rows of `s` side by side (one range when `s` is a
+        slice or less), in order of the rows."""
+        n = THREADS if self.pool is not None and prod(s.shape) > CHUNK else 1
+        cuts = [s.shape[0] * k // n for k in range(n + 1)]
+        ranges = [range(a, b) for a, b in zip(cuts, cuts[1:])]
+        others = [self.pool.submit(part, r) for r in ranges[1:]]
+        return [part(ranges[0]), *(f.result() for f in others)]
 
     def norm(self, x: np.ndarray, role: str) -> np.ndarray:
         eps = self.anat.eps
@@ -301,9 +329,9 @@ class Model:
             return [row[None] for row in h]
         return list(h.reshape(batch, 1, tokens, -1))
 
-    def same_block(self, j: int, other: Model, i: int) -> bool:
-        """Whether block j computes what block i of `other` computes: the same math and, compared in full,
-        the same stored bytes."""
+    def same_block(self, j: int, other: Model, i: int, known: frozenset | set = frozenset()) -> bool:
+        """Whether block j computes what block i of `other` computes: the same math and the same stored
+        bytes, compared in full (`known`: pairs of places already found equal)."""
         if (self.math, self._scale(j)) != (other.math, other._scale(i)):
             return False
         mine = {k.split(".", 2)[2]: s for k, s in self.stored.items() if k.startswith(f"layer.{j}.")}
@@ -311,17 +339,26 @@ class Model:
         if mine.keys() != theirs.keys() or any((s.dtype, s.shape) != (theirs[k].dtype, theirs[k].shape)
                                                for k, s in mine.items()):
             return False
-        return all(self._equal(s, other._raw(f"layer.{i}.{k}")) for k, s in mine.items())
+        return all((place(s), place(theirs[k])) in known or same_bytes(self.reader, s, theirs[k])
+                   for k, s in mine.items())
 
-    def _equal(self, s: StoredTensor, raw: np.ndarray) -> bool:
-        """Whether `s` holds the bytes `raw`, compared a slice at a time (8 bytes at a time: a third of
-        the time byte by byte takes)."""
-        mine = np.frombuffer(self.reader.mapped(s), dtype=np.uint8)
-        step = CHUNK * 8
-        for begin in range(0, s.nbytes, step):
-            a, b = mine[begin : begin + step], raw[begin : begin + step]
-            whole = len(a) - len(a) % 8
-            if not (np.array_equal(a[:whole].view(np.uint64), b[:whole].view(np.uint64))
-                    and np.array_equal(a[whole:], b[whole:])):
-                return False
-        return True
+
+def place(s: StoredTensor) -> tuple:
+    """Where the bytes of `s` lie: (file, first byte, bytes)."""
+    return str(s.file), s.start, s.nbytes
+
+
+def same_bytes(reader: TensorReader, a: StoredTensor, b: StoredTensor) -> bool:
+    """Whether `a` and `b` hold the same bytes, compared in full a slice at a time (8 bytes at a time: a
+    third of the time byte by byte takes)."""
+    if a.nbytes != b.nbytes:
+        return False
+    mine, theirs = (np.frombuffer(reader.mapped(t), dtype=np.uint8) for t in (a, b))
+    step = CHUNK * 8
+    for begin in range(0, a.nbytes, step):
+        x, y = mine[begin : begin + step], theirs[begin : begin + step]
+        whole = len(x) - len(x) % 8
+        if not (np.array_equal(x[:whole].view(np.uint64), y[:whole].view(np.uint64))
+                and np.array_equal(x[whole:], y[whole:])):
+            return False
+    return True

@@ -5,10 +5,11 @@ weight read from the shards just before it is used (grow/forward.py: numpy, so n
 transformers' model code is imported). The source's pass, most of the work, needs only the source: it
 runs in a thread while the grown model is written, and keeps each block's input and output. A block of
 the grown model that holds the very bytes of a source block and gets the very input that block got
-has that block's output: the probe compares the bytes in full and takes the output instead of
-computing it again (depth growth's copied blocks). For configs the numpy forward does not cover,
-transformers' own modules run instead, one at a time from the shards as well, once the grown model is
-written.
+has that block's output: the probe takes it instead of computing it again (depth growth's copied
+blocks). Their bytes are compared in full: as each copied tensor is written (the writer tells the
+probe, and both copies are still in the page cache), or once the model is written for any tensor the
+writer did not report. For configs the numpy forward does not cover, transformers' own modules run
+instead, one at a time from the shards as well, once the grown model is written.
 """
 
 from __future__ import annotations
@@ -16,49 +17,73 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import os
 import threading
 import warnings
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from bequest.anatomy import anatomy, build_model, task_of
 from bequest.errors import BequestError
-from bequest.grow.forward import Model, one_blas_thread
-from bequest.io import TensorReader, load_config, stored_tensors, weight_files
+from bequest.grow.forward import Model, one_blas_thread, place, same_bytes
+from bequest.io import StoredTensor, TensorReader, load_config, stored_tensors, weight_files
 
 PROBE = (2, 16)  # sequences x tokens of the fixed probe batch
 
 
 def probe_folders(src: Path, grown: Path, ids: np.ndarray) -> float:
     """max |Δ outputs| of two saved models on `ids`, module by module from their shards."""
-    with probing(src, ids) as against:
-        return against(grown)
+    with probing(src, ids) as probe:
+        return probe.against(grown)
 
 
 @contextlib.contextmanager
-def probing(src: Path, ids: np.ndarray) -> Iterator[Callable[[Path], float]]:
-    """Starts the source's pass on `ids` in a thread and yields `against(grown)`: max |Δ outputs| of the
-    grown folder, once written, against the source. Leaving early stops the pass at its next block."""
+def probing(src: Path, ids: np.ndarray) -> Iterator[Probe]:
+    """A Probe of `src` on `ids`, its source pass started. Leaving early stops the pass at its next block."""
     with contextlib.ExitStack() as stack, one_blas_thread():
-        old, stop = Model(src, ids, stack), threading.Event()
-        pass_ = None
-        if not old.unsupported():
-            pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="probe"))
-            stack.callback(stop.set)  # runs before the pool waits for the thread
-            pass_ = pool.submit(source_pass, old, stop)
+        yield Probe(src, ids, stack)
 
-        def against(grown: Path) -> float:
-            new = Model(grown, ids, stack)
-            if pass_ is None or new.unsupported():
-                return worst_change(folder_outputs(src, ids), folder_outputs(grown, ids))
-            trace, outputs = pass_.result()
-            return worst_change(outputs, grown_pass(new, old, trace))
 
-        yield against
+class Probe:
+    """The source's pass on the probe batch, run in a thread from the start; `copied` compares a tensor
+    the writer copied while it is fresh; `against` measures the written grown model."""
+
+    def __init__(self, src: Path, ids: np.ndarray, stack: contextlib.ExitStack):
+        self.src, self.ids, self.stack = src, ids, stack
+        self.old, stop = Model(src, ids, stack), threading.Event()
+        self.pool = stack.enter_context(ThreadPoolExecutor(2, "probe", initializer=_yield_to_the_writer))
+        stack.callback(stop.set)  # runs before the pool waits for its threads
+        self.pass_ = None if self.old.unsupported() else self.pool.submit(source_pass, self.old, stop)
+        self.reader, self.checks, self.equal = TensorReader(stack), [], set()
+
+    def copied(self, source: StoredTensor, copy: StoredTensor) -> None:
+        """The writer wrote `source`'s bytes as `copy`: compared in the probe's other thread, in order."""
+        self.checks.append(self.pool.submit(self._compare, source, copy))
+
+    def _compare(self, source: StoredTensor, copy: StoredTensor) -> None:
+        if same_bytes(self.reader, source, copy):
+            self.equal.add((place(copy), place(source)))
+
+    def against(self, grown: Path) -> float:
+        """max |Δ outputs| of the grown folder, once written, against the source."""
+        new = Model(grown, self.ids, self.stack)
+        if self.pass_ is None or new.unsupported():
+            return worst_change(folder_outputs(self.src, self.ids), folder_outputs(grown, self.ids))
+        for check in self.checks:
+            check.result()
+        trace, outputs = self.pass_.result()
+        return worst_change(outputs, grown_pass(new, self.old, trace, self.equal))
+
+
+def _yield_to_the_writer() -> None:
+    """Lower this thread's priority (and its own threads'): the writer waits on the disk most of the
+    time and the probe on the CPU, so the writer should never wait for the probe to give up a CPU."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10))
 
 
 def source_pass(old: Model, stop: threading.Event) -> tuple[list, list]:
@@ -72,11 +97,12 @@ def source_pass(old: Model, stop: threading.Event) -> tuple[list, list]:
     return trace, old.outputs(h)
 
 
-def grown_pass(new: Model, old: Model, trace: list) -> list:
+def grown_pass(new: Model, old: Model, trace: list, known: set = frozenset()) -> list:
     """The grown model's outputs; a block that has a source block's bytes and input takes its output."""
     h = new.embed()
     for j in range(new.layers):
-        same = next((out for i, (x, out) in enumerate(trace) if np.array_equal(x, h) and new.same_block(j, old, i)), None)
+        same = next((out for i, (x, out) in enumerate(trace)
+                     if np.array_equal(x, h) and new.same_block(j, old, i, known)), None)
         h = new.block(h, j) if same is None else same
     return new.outputs(h)
 

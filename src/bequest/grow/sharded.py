@@ -260,8 +260,9 @@ def _progress(total: int, show: bool):
         yield lambda n: bar.advance(task, n)
 
 
-def write(p: Plan, folder: Path, progress: bool = True) -> None:
-    """The grown weights (shards, then the index) and config into `folder`, normally an atomic_dir."""
+def write(p: Plan, folder: Path, progress: bool = True, copied=None) -> None:
+    """The grown weights (shards, then the index) and config into `folder`, normally an atomic_dir.
+    `copied(source, copy)`, when given, hears of each tensor written as a copy of a source tensor's bytes."""
     folder = Path(folder)
     with contextlib.ExitStack() as stack:
         fds, bases = [], []
@@ -283,6 +284,9 @@ def write(p: Plan, folder: Path, progress: bool = True) -> None:
                     fd, pos = fds[out.shard], bases[out.shard] + out.offset
                     if out.how == "copy":
                         reader.copy(unit.source, fd, pos)
+                        if copied is not None:
+                            copied(unit.source, StoredTensor(folder / p.files[out.shard], out.name, out.dtype,
+                                                             out.shape, pos, out.nbytes))
                     elif out.how == "compute":  # ("zeros" need nothing: the shard was sized with zeros)
                         widened = widened or _widen(p, unit, reader.tensor, gen)
                         pwrite(fd, _finish(p, out, *widened), pos)
