@@ -212,8 +212,36 @@ def test_copied_tensors_are_compared_as_they_are_written(tmp_path, monkeypatch):
     q = "model.layers.{}.self_attn.q_proj.weight"
     with probe.probing(src, probe.probe_ids(plan.anat.config)) as p:  # a copy reported wrongly: not known
         source = next(s for f in weight_files(src) for n, s in forward.stored_tensors(f).items() if n == q.format(0))
-        p.copied(source, stored[q.format(2)])  # grown block 2 is source block 1
+        p.read(source, stored[q.format(2)])  # grown block 2 is source block 1
         assert p.against(tmp_path / "deep") == 0 and p.equal == set()
+
+
+@pytest.mark.parametrize("grow_kwargs", [{"layers": 4}, {"hidden": 48, "heads": 6, "kv_heads": 3}], ids=["depth", "width"])
+def test_the_source_pass_reads_only_what_the_writer_has_read(tmp_path, grow_kwargs):
+    """While the grown model is written, the probe's pass over the source follows the writer (so the two
+    never read from disk side by side); copies and computed tensors alike let it on."""
+    from bequest.grow import probe
+
+    src = save(tmp_path / "src", trained("llama"))
+    plan = sharded.plan(src, GrowSpec(**grow_kwargs), shard_size=2 * 10**9)
+    events = []
+    with probe.probing(src, probe.probe_ids(plan.anat.config)) as p, atomic_dir(tmp_path / "out") as folder:
+        mapped = p.old.reader.mapped
+        # (the few embedding rows of the probe's tokens are read as they are: a few pages)
+        p.old.reader.mapped = lambda s, whole=True: (whole and events.append(("probe", s.name))) or mapped(s, whole)
+
+        def read(source, copy=None):
+            events.append(("writer", source.name))
+            __import__("time").sleep(0.002)  # give the probe's thread time to run ahead, if it could
+            p.read(source, copy)
+
+        sharded.write(plan, folder, progress=False, on_read=read)
+        assert p.against(folder) == pytest.approx(0, abs=1e-5)
+    probed = [name for who, name in events if who == "probe"]
+    assert len(probed) > 10
+    for k, (who, name) in enumerate(events):
+        if who == "probe":
+            assert ("writer", name) in events[:k], f"the probe read {name} before the writer"
 
 
 def test_products_split_over_threads_match_one_thread(tmp_path, monkeypatch):

@@ -64,8 +64,9 @@ def grow_command(r: GrowRecipe) -> dict:
     ids = probe_ids(plan.anat.config)
     with atomic_dir(r.out, r.overwrite) as folder, probing(plan.src, ids) if r.probe else nullcontext() as probe:
         start = time.perf_counter()
-        # Meanwhile the probe runs the source in a thread, and compares each copied tensor in another.
-        sharded.write(plan, folder, copied=probe.copied if r.probe else None)
+        # Meanwhile the probe runs the source in a thread, right behind the writer, and compares each
+        # copied tensor in another.
+        sharded.write(plan, folder, on_read=probe.read if r.probe else None)
         report["seconds"]["write"] = time.perf_counter() - start
         if r.probe:
             start = time.perf_counter()

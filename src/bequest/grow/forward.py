@@ -18,7 +18,6 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from math import prod
 from pathlib import Path
 
@@ -113,7 +112,8 @@ def one_blas_thread():
 class Model:
     """A saved model run on `ids` ([batch, tokens]) one module at a time, its weights read from the shards."""
 
-    def __init__(self, folder: Path, ids: np.ndarray, stack: contextlib.ExitStack):
+    def __init__(self, folder: Path, ids: np.ndarray, stack: contextlib.ExitStack, before_read=None):
+        self.before_read = before_read  # called with a stored tensor before its bytes are read
         self.config = read_config(folder)
         self.anat = anat = anatomy(self.config)
         self.fam, self.ids, self.layers = anat.family, ids, anat.layers
@@ -167,14 +167,12 @@ class Model:
 
     # ------------------------------------------------------------ weights
 
-    def _slices(self, key: str, rows: range | None = None):
-        """(first row, rows as fp32) of the stored tensor `key` (of `rows` only, when given), about CHUNK
-        entries at a time."""
+    def _slices(self, key: str, raw: np.ndarray, rows: range | None = None):
+        """(first row, rows as fp32) of the stored tensor `key`, whose bytes are `raw`, about CHUNK entries
+        at a time (of `rows` only, when given)."""
         s = self.stored[key]
         rows = range(s.shape[0]) if rows is None else rows
         row, size = prod(s.shape[1:]), DTYPES[s.dtype].size
-        mine = replace(s, start=s.start + rows.start * row * size, nbytes=len(rows) * row * size)
-        raw = np.frombuffer(self.reader.mapped(mine), dtype=np.uint8)  # only these rows' pages
         step = max(1, CHUNK // max(row, 1))
         if not hasattr(self._local, "floats"):
             self._local.floats = {dtype: np.zeros(CHUNK, dtype=np.float32) for dtype in ("BF16", "F16", "F64")}
@@ -183,11 +181,18 @@ class Model:
             out = self._local.floats[s.dtype] = np.zeros(step * row, dtype=np.float32)
         for first in range(rows.start, rows.stop, step):
             n = min(step, rows.stop - first)
-            part = raw[(first - rows.start) * row * size : (first - rows.start + n) * row * size]
+            part = raw[first * row * size : (first + n) * row * size]
             yield first, _fp32(part, s.dtype, out).reshape(n, *s.shape[1:])
 
+    def _raw(self, key: str) -> np.ndarray:
+        """The stored bytes of `key`, mapped from the shard (read by one thread, in one pass over the file:
+        threads reading parts of it side by side would make the disk seek between them)."""
+        if self.before_read is not None:
+            self.before_read(self.stored[key])
+        return np.frombuffer(self.reader.mapped(self.stored[key]), dtype=np.uint8)
+
     def vector(self, key: str) -> np.ndarray:
-        return np.concatenate([rows.copy() for _, rows in self._slices(key)])
+        return np.concatenate([rows.copy() for _, rows in self._slices(key, self._raw(key))])
 
     def rows(self, key: str, index: np.ndarray) -> np.ndarray:
         """Rows `index` of a table (embeddings), read one by one: the probe needs a few of many."""
@@ -202,12 +207,12 @@ class Model:
         key = f"{role}.weight"
         if key not in self.stored and role == "lm_head":
             key = "embed.token.weight"
-        s = self.stored[key]
+        s, raw = self.stored[key], self._raw(key)
         if self.fam.conv1d and role.startswith("layer."):  # Conv1D keeps [in, out]: slices are inputs
 
             def part(rows: range) -> np.ndarray:
                 y = np.zeros((x.shape[0], s.shape[1]), dtype=np.float32)
-                for first, w in self._slices(key, rows):
+                for first, w in self._slices(key, raw, rows):
                     y += x[:, first : first + len(w)] @ w
                 return y
 
@@ -216,7 +221,7 @@ class Model:
             y = np.empty((x.shape[0], s.shape[0]), dtype=np.float32)
 
             def part(rows: range) -> None:
-                for first, w in self._slices(key, rows):
+                for first, w in self._slices(key, raw, rows):
                     y[:, first : first + len(w)] = x @ w.T
 
             self._split(part, s)

@@ -3,7 +3,8 @@
 On saved models the probe never holds a model. Each runs on the probe batch module by module, each
 weight read from the shards just before it is used (grow/forward.py: numpy, so neither torch nor
 transformers' model code is imported). The source's pass, most of the work, needs only the source: it
-runs in a thread while the grown model is written, and keeps each block's input and output. A block of
+runs in a thread while the grown model is written, reading each tensor just after the writer did, and
+keeps each block's input and output. A block of
 the grown model that holds the very bytes of a source block and gets the very input that block got
 has that block's output: the probe takes it instead of computing it again (depth growth's copied
 blocks). Their bytes are compared in full: as each copied tensor is written (the writer tells the
@@ -49,20 +50,40 @@ def probing(src: Path, ids: np.ndarray) -> Iterator[Probe]:
 
 
 class Probe:
-    """The source's pass on the probe batch, run in a thread from the start; `copied` compares a tensor
-    the writer copied while it is fresh; `against` measures the written grown model."""
+    """The source's pass on the probe batch, run in a thread from the start; `read` hears from the writer
+    which source tensors it has read (and compares a copy while both are fresh); `against` measures the
+    written grown model."""
 
     def __init__(self, src: Path, ids: np.ndarray, stack: contextlib.ExitStack):
         self.src, self.ids, self.stack = src, ids, stack
-        self.old, stop = Model(src, ids, stack), threading.Event()
+        self.arrived, self.writing = threading.Condition(), True
+        self.read_by_writer: set[tuple] = set()
+        self.old, self.stop = Model(src, ids, stack, before_read=self._after_the_writer), threading.Event()
         self.pool = stack.enter_context(ThreadPoolExecutor(2, "probe", initializer=_yield_to_the_writer))
-        stack.callback(stop.set)  # runs before the pool waits for its threads
-        self.pass_ = None if self.old.unsupported() else self.pool.submit(source_pass, self.old, stop)
+        stack.callback(self._writer_done)  # runs before the pool waits for its threads
+        self.pass_ = None if self.old.unsupported() else self.pool.submit(source_pass, self.old, self.stop)
         self.reader, self.checks, self.equal = TensorReader(stack), [], set()
 
-    def copied(self, source: StoredTensor, copy: StoredTensor) -> None:
-        """The writer wrote `source`'s bytes as `copy`: compared in the probe's other thread, in order."""
-        self.checks.append(self.pool.submit(self._compare, source, copy))
+    def read(self, source: StoredTensor, copy: StoredTensor | None = None) -> None:
+        """The writer has read `source` (and wrote its bytes as `copy`, compared here in the probe's other
+        thread, in order)."""
+        with self.arrived:
+            self.read_by_writer.add(place(source))
+            self.arrived.notify_all()
+        if copy is not None:
+            self.checks.append(self.pool.submit(self._compare, source, copy))
+
+    def _after_the_writer(self, s: StoredTensor) -> None:
+        """The source's pass reads a tensor once the writer has read it, from the page cache: running
+        ahead, it would read from disk beside the writer and make the disk seek between the two."""
+        with self.arrived:
+            self.arrived.wait_for(lambda: not self.writing or place(s) in self.read_by_writer)
+
+    def _writer_done(self) -> None:
+        self.stop.set()
+        with self.arrived:
+            self.writing = False
+            self.arrived.notify_all()
 
     def _compare(self, source: StoredTensor, copy: StoredTensor) -> None:
         if same_bytes(self.reader, source, copy):
@@ -70,6 +91,9 @@ class Probe:
 
     def against(self, grown: Path) -> float:
         """max |Δ outputs| of the grown folder, once written, against the source."""
+        with self.arrived:
+            self.writing = False
+            self.arrived.notify_all()
         new = Model(grown, self.ids, self.stack)
         if self.pass_ is None or new.unsupported():
             return worst_change(folder_outputs(self.src, self.ids), folder_outputs(grown, self.ids))

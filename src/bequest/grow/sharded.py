@@ -260,9 +260,10 @@ def _progress(total: int, show: bool):
         yield lambda n: bar.advance(task, n)
 
 
-def write(p: Plan, folder: Path, progress: bool = True, copied=None) -> None:
+def write(p: Plan, folder: Path, progress: bool = True, on_read=None) -> None:
     """The grown weights (shards, then the index) and config into `folder`, normally an atomic_dir.
-    `copied(source, copy)`, when given, hears of each tensor written as a copy of a source tensor's bytes."""
+    `on_read(source, copy=None)`, when given, hears of each source tensor once it is read, with each
+    tensor written as a copy of its bytes."""
     folder = Path(folder)
     with contextlib.ExitStack() as stack:
         fds, bases = [], []
@@ -284,13 +285,15 @@ def write(p: Plan, folder: Path, progress: bool = True, copied=None) -> None:
                     fd, pos = fds[out.shard], bases[out.shard] + out.offset
                     if out.how == "copy":
                         reader.copy(unit.source, fd, pos)
-                        if copied is not None:
-                            copied(unit.source, StoredTensor(folder / p.files[out.shard], out.name, out.dtype,
-                                                             out.shape, pos, out.nbytes))
+                        if on_read is not None:
+                            on_read(unit.source, StoredTensor(folder / p.files[out.shard], out.name, out.dtype,
+                                                              out.shape, pos, out.nbytes))
                     elif out.how == "compute":  # ("zeros" need nothing: the shard was sized with zeros)
                         widened = widened or _widen(p, unit, reader.tensor, gen)
                         pwrite(fd, _finish(p, out, *widened), pos)
                     advance(out.nbytes)
+                if on_read is not None and widened is not None:
+                    on_read(unit.source)
     if len(p.shards) > 1:
         weight_map = {o.name: p.files[o.shard] for shard in p.shards for o in shard}
         write_index(folder, weight_map, sum(prod(o.shape) for shard in p.shards for o in shard), p.nbytes)
