@@ -4,10 +4,9 @@ On saved models the probe never holds a model. Each runs on the probe batch modu
 weight read from the shards just before it is used (grow/forward.py: numpy, so neither torch nor
 transformers' model code is imported). The source's pass, most of the work, needs only the source: it
 runs in a thread while the grown model is written, reading each tensor just after the writer did, and
-keeps each block's input and output. A block of
-the grown model that holds the very bytes of a source block and gets the very input that block got
-has that block's output: the probe takes it instead of computing it again (depth growth's copied
-blocks). Their bytes are compared in full: as each copied tensor is written (the writer tells the
+keeps each block's input and output. A block of the grown model that holds the very bytes of a source
+block and gets the very input that block got has that block's output: the probe takes it instead of
+computing it again (depth growth's copied blocks). Their bytes are compared in full: as each copied tensor is written (the writer tells the
 probe, and both copies are still in the page cache), or once the model is written for any tensor the
 writer did not report. For configs the numpy forward does not cover, transformers' own modules run
 instead, one at a time from the shards as well, once the grown model is written.
@@ -60,7 +59,9 @@ class Probe:
         self.read_by_writer: set[tuple] = set()
         self.old, self.stop = Model(src, ids, stack, before_read=self._after_the_writer), threading.Event()
         self.pool = stack.enter_context(ThreadPoolExecutor(2, "probe", initializer=_yield_to_the_writer))
-        stack.callback(self._writer_done)  # runs before the pool waits for its threads
+        # Leaving (before the pool waits for its threads) stops the pass at its next block, and wakes it.
+        stack.callback(self._writing_ended)
+        stack.callback(self.stop.set)
         self.pass_ = None if self.old.unsupported() else self.pool.submit(source_pass, self.old, self.stop)
         self.reader, self.checks, self.equal = TensorReader(stack), [], set()
 
@@ -79,8 +80,7 @@ class Probe:
         with self.arrived:
             self.arrived.wait_for(lambda: not self.writing or place(s) in self.read_by_writer)
 
-    def _writer_done(self) -> None:
-        self.stop.set()
+    def _writing_ended(self) -> None:
         with self.arrived:
             self.writing = False
             self.arrived.notify_all()
@@ -91,9 +91,7 @@ class Probe:
 
     def against(self, grown: Path) -> float:
         """max |Δ outputs| of the grown folder, once written, against the source."""
-        with self.arrived:
-            self.writing = False
-            self.arrived.notify_all()
+        self._writing_ended()
         new = Model(grown, self.ids, self.stack)
         if self.pass_ is None or new.unsupported():
             return worst_change(folder_outputs(self.src, self.ids), folder_outputs(grown, self.ids))
