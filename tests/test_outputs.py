@@ -73,6 +73,40 @@ def test_classifiers_say_their_classes_by_name(world):
         assert torch.equal(plain(input_ids=ids).logits, ours.eval()(input_ids=ids).logits), folder
 
 
+@pytest.fixture(scope="module")
+def masked_lm(tmp_path_factory):
+    """A BERT masked LM: it has no pooler, so a classifier on it starts one fresh."""
+    root = tmp_path_factory.mktemp("mlm")
+    pretrain(PretrainRecipe(out=str(root / "base"), family="bert", layers=1, hidden=32, heads=2, vocab=500,
+                            domain="text", steps=2, seq_len=POSITIONS, batch_size=4, eval_blocks=4, warmup=1))
+    return root / "base"
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3", "prefix", "prompt", "bottleneck"])
+def test_a_classifier_adapter_saves_the_pooler_its_masked_lm_lacked(masked_lm, tmp_path, kind):
+    """The fresh pooler is trained and saved with the classifier: a plain transformers + peft load, whatever
+    its random state, computes what bequest's own load computes (before, each load drew another pooler)."""
+    from peft import PeftModel
+
+    out = tmp_path / kind
+    finetune(FinetuneRecipe(model=str(masked_lm), out=str(out), peft=kind, virtual_tokens=VIRTUAL, **TASK), progress=False)
+    module, n = read_module(out), len(_classes())
+    assert any(".pooler." in name for name in module.tensors), sorted(module.tensors)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    ours = attach(load_model(masked_lm, "seq_cls", num_labels=n)[0], module).eval()(input_ids=ids).logits
+    if kind == "bottleneck":  # bequest's own format: its loader is the one to check
+        theirs = [attach(load_model(masked_lm, "seq_cls", num_labels=n, seed=s)[0], read_module(out)).eval()
+                  for s in (1, 2)]
+    else:
+        theirs = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            host = transformers.AutoModelForSequenceClassification.from_pretrained(masked_lm, num_labels=n)
+            theirs.append(PeftModel.from_pretrained(host, out).eval())
+    for model in theirs:
+        assert torch.allclose(model(input_ids=ids).logits, ours, atol=1e-6)
+
+
 def test_tokenizers_stop_at_the_positions_the_text_has(world):
     for folder, room in (("base", POSITIONS), ("full", POSITIONS), ("lora", POSITIONS), ("prefix", POSITIONS - VIRTUAL)):
         tokenizer = transformers.AutoTokenizer.from_pretrained(world / folder)

@@ -9,10 +9,12 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from bequest import cli
+from bequest.anatomy import anatomy
 from bequest.errors import BequestError
 from bequest.grow.command import GrowRecipe, grow_command
 from bequest.io import save_model
 from bequest.peft import KINDS, attach, bottleneck, module_of, new_config, read_module, with_module, write_module
+from bequest.peft.kind import head_modules
 from bequest.port.command import PortRecipe, port
 from bequest.io import load_model
 from conftest import LM_TASK, probe, tiny
@@ -237,10 +239,11 @@ def test_fresh_bottleneck_adapters_leave_the_host_unchanged_and_come_off_cleanly
     model = tiny(family, "seq_cls", pad_token_id=0).eval()
     with torch.no_grad():
         before = model(input_ids=probe()).logits
-    bottleneck.add_bottleneck(model, bottleneck.BottleneckConfig(style="houlsby", modules_to_save=bottleneck.head_modules(model)))
+    heads = head_modules(anatomy(model).family)
+    bottleneck.add_bottleneck(model, bottleneck.BottleneckConfig(style="houlsby", modules_to_save=heads))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert sum(".adapter.down.weight" in n for n in trainable) == 2 * 2  # houlsby: attention and FFN, 2 blocks
-    assert any(n.startswith(tuple(bottleneck.head_modules(model))) for n in trainable)
+    assert any(n.startswith(tuple(heads)) for n in trainable)
     with torch.no_grad():
         assert torch.equal(model(input_ids=probe()).logits, before)
         for n, p in model.named_parameters():

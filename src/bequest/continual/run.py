@@ -25,7 +25,7 @@ from bequest.engine.replay import Memory
 from bequest.errors import BequestError
 from bequest.io import atomic_dir, check_output, load_config, load_model, write_model
 from bequest.peft import KINDS, module_of, with_module, write_adapter
-from bequest.peft.bottleneck import head_modules
+from bequest.peft.kind import head_modules
 from bequest.report import write_report
 
 

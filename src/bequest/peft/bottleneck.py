@@ -23,10 +23,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from bequest.anatomy import Family, anatomy
+from bequest.anatomy import anatomy
 from bequest.errors import BequestError
 from bequest.io.adapters import BOTTLENECK
-from bequest.peft.kind import READ, WRITE, Kind
+from bequest.peft.kind import READ, WRITE, Kind, saved_heads
 from bequest.peft.lora import uniform_fan_in
 from bequest.recipe import one_line
 
@@ -71,12 +71,6 @@ def _writers(model, style: str) -> list[str]:
     return [names[f"layer.{i}.{role}.weight"].rpartition(".")[0] for i in range(anat.layers) for role in STYLES[style]]
 
 
-def head_modules(model_or_family) -> list[str]:
-    """The top modules of a classification head (trained in full beside any PEFT module)."""
-    fam = model_or_family if isinstance(model_or_family, Family) else anatomy(model_or_family).family
-    return sorted({path.split(".")[0] for role, path in fam.heads.items() if role.startswith("classifier")})
-
-
 def add_bottleneck(model, config: BottleneckConfig, *, trainable: bool = True):
     """Attach fresh adapters to `model` in place; with `trainable`, freeze everything else but the head."""
     if getattr(model, "bottleneck_config", None) is not None:
@@ -90,14 +84,20 @@ def add_bottleneck(model, config: BottleneckConfig, *, trainable: bool = True):
         adapter.handle = module.register_forward_hook(adapter.hook)
     model.bottleneck_config = config
     for name, p in model.named_parameters():
-        p.requires_grad_(trainable and (".adapter." in name or name.split(".")[0] in config.modules_to_save))
+        p.requires_grad_(trainable and (".adapter." in name or _saved(name, config)))
     return model
 
 
 def bottleneck_state(model) -> dict[str, torch.Tensor]:
     """The adapters' tensors and the saved head modules', under the model's parameter names."""
-    keep = tuple(f"{m}." for m in model.bottleneck_config.modules_to_save)
-    return {n: p.detach() for n, p in model.named_parameters() if ".adapter." in n or n.startswith(keep)}
+    config = model.bottleneck_config
+    return {n: p.detach() for n, p in model.named_parameters() if ".adapter." in n or _saved(n, config)}
+
+
+def _saved(name: str, config: BottleneckConfig) -> bool:
+    """Whether parameter `name` is in a module of modules_to_save (named as peft names them: by the
+    module's own name, wherever it sits, like BERT's bert.pooler)."""
+    return any(part in config.modules_to_save for part in name.split(".")[:-1])
 
 
 def load_bottleneck(model, folder, *, trainable: bool = False):
@@ -123,7 +123,7 @@ class Bottleneck(Kind):
     tensors = ("adapter.down.weight", "adapter.down.bias", "adapter.up.weight", "adapter.up.bias")
 
     def config(self, fam, task_type, s):
-        heads = head_modules(fam) if task_type == "SEQ_CLS" else []
+        heads = saved_heads(fam, task_type) or []
         return BottleneckConfig(size=s.bottleneck, style=s.style, nonlinearity=s.nonlinearity, task_type=task_type,
                                 modules_to_save=heads).model_dump()
 

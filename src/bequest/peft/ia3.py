@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from bequest.peft.kind import SCALE, Kind, as_dict, target_regex
+from bequest.peft.kind import SCALE, Kind, as_dict, saved_heads, target_regex
 
 
 class IA3(Kind):
@@ -19,7 +19,8 @@ class IA3(Kind):
 
         # Keys and values (GPT-2's fused qkv as a whole) and the FFN's hidden units.
         return as_dict(IA3Config(task_type=task_type, target_modules=target_regex(fam, ["attn.qkv", "attn.k", "attn.v", "mlp.down"]),
-                                 feedforward_modules=target_regex(fam, ["mlp.down"]), fan_in_fan_out=fam.conv1d))
+                                 feedforward_modules=target_regex(fam, ["mlp.down"]), fan_in_fan_out=fam.conv1d,
+                                 modules_to_save=saved_heads(fam, task_type)))
 
     def axes(self, what, shape, out, inp):
         # A module's outputs ([out, 1]) or, on feed-forward modules, its inputs ([1, in]).

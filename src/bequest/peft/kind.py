@@ -17,6 +17,7 @@ import warnings
 
 import torch
 
+from bequest.anatomy import TASK_ROLES
 from bequest.errors import BequestError
 
 READ, WRITE, SCALE = "read", "write", "scale"
@@ -29,6 +30,20 @@ def _json(value):
 def as_dict(config) -> dict:
     """A peft config object as adapter_config.json holds it (sets as sorted lists, enums as names)."""
     return json.loads(json.dumps(config if isinstance(config, dict) else config.to_dict(), default=_json))
+
+
+def head_modules(fam) -> list[str]:
+    """The top modules of the family's classification head: the classifier and, for BERT, the pooler it
+    reads (which a masked-LM checkpoint lacks, so it starts fresh). Trained in full beside any PEFT
+    module and saved with it (peft's modules_to_save), so every loader, plain peft too, gets them back."""
+    paths = {**fam.final, **fam.heads}
+    return sorted({paths[r].split(".")[0] for r in fam.tasks.get("seq_cls", ()) if r in TASK_ROLES and r in paths})
+
+
+def saved_heads(fam, task_type: str | None) -> list[str] | None:
+    """modules_to_save for a module of this task type: the head's modules for a classifier (peft would
+    add the classifier alone), none otherwise."""
+    return head_modules(fam) if task_type == "SEQ_CLS" else None
 
 
 def target_regex(fam, roles) -> str:

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from bequest.peft.kind import READ, WRITE, Kind, as_dict, target_regex
+from bequest.peft.kind import READ, WRITE, Kind, as_dict, saved_heads, target_regex
 
 
 class Lora(Kind):
@@ -19,14 +19,14 @@ class Lora(Kind):
     query_rows = ("lora_B.weight", "lora_B.bias")
 
     def config(self, fam, task_type, s, modules_to_save: list[str] | None = None) -> dict:
-        """`modules_to_save`: host modules trained in full beside the matrices (a classifier head
-        without a SEQ_CLS task type, which would add peft's own choice)."""
+        """`modules_to_save`: host modules trained in full beside the matrices (default: the
+        classification head's, for a SEQ_CLS task type)."""
         from peft import LoraConfig
 
         linears = [role for role in fam.layer if role.startswith(("attn.", "mlp."))]
         return as_dict(LoraConfig(task_type=task_type, r=s.lora_rank, lora_alpha=s.lora_alpha, lora_dropout=0.0,
                                   target_modules=target_regex(fam, linears), fan_in_fan_out=fam.conv1d,
-                                  modules_to_save=modules_to_save))
+                                  modules_to_save=modules_to_save or saved_heads(fam, task_type)))
 
     def skeleton(self, config):
         return {**config, "init_lora_weights": True}  # SVD-based inits need the real weights

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from bequest.peft.kind import PromptLearning, as_dict
+from bequest.peft.kind import PromptLearning, as_dict, saved_heads
 
 
 class Prefix(PromptLearning):
@@ -18,7 +18,8 @@ class Prefix(PromptLearning):
     def config(self, fam, task_type, s):
         from peft import PrefixTuningConfig
 
-        return as_dict(PrefixTuningConfig(task_type=task_type, num_virtual_tokens=s.virtual_tokens))
+        return as_dict(PrefixTuningConfig(task_type=task_type, num_virtual_tokens=s.virtual_tokens,
+                                          modules_to_save=saved_heads(fam, task_type)))
 
     def grow(self, key, t, maps):
         """[tokens, layers x (key, value) x KV heads x head_dim], each layer's re-indexed by its map."""

@@ -5,7 +5,7 @@ The vectors write the hidden space as token embeddings do, so they grow as the e
 
 from __future__ import annotations
 
-from bequest.peft.kind import WRITE, PromptLearning, as_dict
+from bequest.peft.kind import WRITE, PromptLearning, as_dict, saved_heads
 
 
 class Prompt(PromptLearning):
@@ -16,7 +16,7 @@ class Prompt(PromptLearning):
 
         # Sampled vocabulary embeddings start where real tokens live (N(0, 1) would be far off-scale).
         return as_dict(PromptTuningConfig(task_type=task_type, num_virtual_tokens=s.virtual_tokens,
-                                          prompt_tuning_init="SAMPLE_VOCAB"))
+                                          prompt_tuning_init="SAMPLE_VOCAB", modules_to_save=saved_heads(fam, task_type)))
 
     def skeleton(self, config):
         return {**config, "prompt_tuning_init": "RANDOM"}  # sampling the vocabulary needs its weights
