@@ -34,7 +34,9 @@ import transformers
 
 from bequest.anatomy import anatomy
 from bequest.engine.flops import train_flops_per_token
-from bequest.engine.train import Phase, arguments, checkpoint_step, evaluate, processes, resume_point, train
+from bequest.engine.train import (
+    Phase, arguments, checkpoint_step, evaluate, metric_rows, processes, resume_point, train,
+)
 from bequest.errors import BequestError
 from bequest.io import load_model
 from bequest.recipe import TrainFields
@@ -85,7 +87,7 @@ def train_growing(
 
 def growth_events(work: Path) -> list[dict]:
     """The growth rows of a run's metrics.jsonl, in order."""
-    return [r for r in _rows(Path(work) / "metrics.jsonl") if "growth" in r]
+    return [r for r in metric_rows(work) if "growth" in r]
 
 
 @dataclass
@@ -131,7 +133,7 @@ class _Run:
         optimizer = grow_optimizer_state(torch.load(pre / "optimizer.pt", map_location="cpu", weights_only=True),
                                          old, grown.model, grown.maps, (self.layout(old), self.layout(grown.model)))
         if processes().is_main_process:
-            _log(self.work / "metrics.jsonl", event)  # first: a run killed before the checkpoint grows again
+            _log(self.work, event)  # first: a run killed before the checkpoint grows again
             aside = folder / f".{pre.name}.tmp"
             shutil.rmtree(aside, ignore_errors=True)
             aside.mkdir(parents=True)
@@ -159,13 +161,10 @@ def _load(ckpt: str | Path):
     return model.train()
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(r) for r in path.read_text().splitlines() if r] if path.exists() else []
-
-
-def _log(path: Path, event: dict) -> None:
+def _log(work: Path, event: dict) -> None:
     """`event` appended to metrics.jsonl, replacing a record of the same growth a killed run left."""
-    rows = [r for r in _rows(path) if not ("growth" in r and r["step"] == event["step"])]
+    rows = [r for r in metric_rows(work) if not ("growth" in r and r["step"] == event["step"])]
+    path = work / "metrics.jsonl"
     aside = path.with_name(f".{path.name}.tmp")
     aside.write_text("".join(json.dumps(r) + "\n" for r in [*rows, event]))
     aside.replace(path)

@@ -319,10 +319,15 @@ def evaluate(model, tokenizer, task: str, eval_set, spec: TrainFields, folder: P
     return trainer.evaluate()
 
 
+def metric_rows(work: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl (none before its first log)."""
+    path = Path(work) / "metrics.jsonl"
+    return [json.loads(r) for r in path.read_text().splitlines() if r] if path.exists() else []
+
+
 def curve(work: Path) -> list[tuple[int, float]]:
     """(step, eval accuracy) of a run, read back from its metrics.jsonl."""
-    rows = [json.loads(line) for line in (Path(work) / "metrics.jsonl").read_text().splitlines()]
-    return sorted({r["step"]: r["eval_accuracy"] for r in rows if "eval_accuracy" in r}.items())
+    return sorted({r["step"]: r["eval_accuracy"] for r in metric_rows(work) if "eval_accuracy" in r}.items())
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from pydantic import Field, field_validator
 from bequest import data
 from bequest.anatomy import anatomy
 from bequest.data.prepare import check_room
-from bequest.engine import labelled, train
+from bequest.engine import curve, labelled, train
 from bequest.errors import BequestError
 from bequest.io import atomic_dir, load_config, load_model, save_recipe
 from bequest.peft import KINDS, attach, module_of, new_config, read_module, virtual_tokens, with_module, write_module
@@ -116,10 +116,9 @@ def _fit(model, tokenizer, r: StudyRecipe, kind: str, steps: int, seed: int, wor
     train_set, eval_set = _datasets(r, tokenizer)
     final = train(model, tokenizer, "seq_cls", train_set, eval_set, work, _spec(r, kind, steps, seed),
                   callbacks=[_NoSaves()], resume=False, progress=False)
-    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
-    curve = {row["step"]: row["eval_accuracy"] for row in rows if "eval_accuracy" in row}
+    accuracies = curve(work)
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    return final, sorted(curve.items())
+    return final, accuracies
 
 
 def source_module(r: StudyRecipe, host: str, kind: str) -> Path:
